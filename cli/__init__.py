@@ -1,0 +1,1 @@
+"""The ``tabpo`` command-line interface (Typer + Rich)."""

@@ -1,0 +1,1 @@
+"""Model families both stacks support, adapter formats and the tiny demo model."""

@@ -1,0 +1,79 @@
+"""The array protocol: find the namespace of the arrays, plus the helpers losses need.
+
+NumPy and torch arrays go through array-api-compat; MLX arrays use ``mlx.core``, which is
+close enough to the array API for everything the losses do (see STYLE.md). Nothing here
+imports torch or mlx: the namespace comes from the arrays themselves.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+
+Array = Any
+
+
+def _is_mlx(x: object) -> bool:
+    return type(x).__module__.startswith("mlx")
+
+
+def namespace(*arrays: Array) -> ModuleType:
+    """The array namespace shared by ``arrays`` (``None`` entries are ignored)."""
+    present = [a for a in arrays if a is not None]
+    if not present:
+        raise TypeError("namespace() needs at least one array")
+    if any(_is_mlx(a) for a in present):
+        if not all(_is_mlx(a) for a in present):
+            raise TypeError("cannot mix MLX arrays with arrays of another library")
+        return sys.modules["mlx.core"]
+    return array_api_compat.array_namespace(*present)
+
+
+def like(x: Array, ref: Array) -> Array:
+    """``x`` as an array of ``ref``'s namespace, device and floating dtype."""
+    xp = namespace(ref)
+    if _is_mlx(ref):
+        return xp.array(x).astype(ref.dtype) if not _is_mlx(x) else x.astype(ref.dtype)
+    if namespace(x) is xp:
+        return xp.astype(x, ref.dtype) if x.dtype != ref.dtype else x
+    return xp.asarray(x, dtype=ref.dtype, device=array_api_compat.device(ref))
+
+
+def log_sigmoid(x: Array, xp: ModuleType) -> Array:
+    """``log s(x) = -log(1 + e^-x)``, stable for large ``|x|``."""
+    return -xp.logaddexp(xp.zeros_like(x), -x)
+
+
+def softplus(x: Array, xp: ModuleType) -> Array:
+    """``log(1 + e^x)``."""
+    return xp.logaddexp(xp.zeros_like(x), x)
+
+
+def sigmoid(x: Array, xp: ModuleType) -> Array:
+    return xp.exp(log_sigmoid(x, xp))
+
+
+def relu(x: Array, xp: ModuleType) -> Array:
+    return xp.maximum(x, xp.zeros_like(x))
+
+
+def log1mexp(x: Array, xp: ModuleType) -> Array:
+    """``log(1 - e^x)`` for ``x < 0``, accurate near 0 (where ``log1p(-exp(x))`` is not)."""
+    return xp.log(-xp.expm1(x))
+
+
+def stop_gradient(x: Array) -> Array:
+    """``x`` with no gradient flowing back through it (identity on NumPy)."""
+    if _is_mlx(x):
+        return sys.modules["mlx.core"].stop_gradient(x)
+    detach = getattr(x, "detach", None)  # torch
+    return detach() if detach is not None else x
+
+
+def to_float(x: Array) -> float:
+    """A 0-d array of any namespace as a Python float (for logging, never inside a loss)."""
+    item = getattr(x, "item", None)
+    return float(item() if item is not None else x)
