@@ -302,8 +302,13 @@ def test_unknown_hyperparameter_is_an_error():
 
 @pytest.mark.parametrize(
     "name, hp",
-    [("tabpo", {"tau": 1.5}), ("tabpo", {"variant": "v3"}), ("dpo", {"beta": 0.0}),
-     ("dpo", {"label_smoothing": 0.5}), ("tdpo", {"variant": "tdpo3"})],
+    [
+        ("tabpo", {"tau": 1.5}),
+        ("tabpo", {"variant": "v3"}),
+        ("dpo", {"beta": 0.0}),
+        ("dpo", {"label_smoothing": 0.5}),
+        ("tdpo", {"variant": "tdpo3"}),
+    ],
 )
 def test_out_of_range_hyperparameters(name, hp):
     kl = {"chosen_kl": np.zeros((1, 3)), "rejected_kl": np.zeros((1, 3))} if name == "tdpo" else {}
@@ -335,6 +340,16 @@ def test_every_loss_documents_its_formula_and_defaults_match_method():
     for name in losses.names():
         assert " L" in losses.get(name).formula or "L =" in losses.get(name).formula, name
     assert set(losses.names()) == {
-        "tabpo", "dpo", "robust", "hinge", "ipo", "simpo", "cal_dpo", "dpop", "tdpo", "rpo",
-        "orpo", "sft",
+        "tabpo",
+        "dpo",
+        "robust",
+        "hinge",
+        "ipo",
+        "simpo",
+        "cal_dpo",
+        "dpop",
+        "tdpo",
+        "rpo",
+        "orpo",
+        "sft",
     }

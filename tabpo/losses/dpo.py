@@ -26,9 +26,7 @@ def _smoothing(label_smoothing: float) -> None:
 
 
 @register("dpo")
-def dpo(
-    p: PairInputs, *, beta: float = 0.1, label_smoothing: float = 0.0
-) -> tuple[Array, Metrics]:
+def dpo(p: PairInputs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Array, Metrics]:
     """DPO (sigmoid), with cDPO's label smoothing eps.
 
         L = -(1 - eps) log s(beta z) - eps log s(-beta z)

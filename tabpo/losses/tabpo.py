@@ -57,7 +57,7 @@ def tabpo(
         L_pref = -log s(beta * Delta)
         g_t    = m_t 1[l_t(y+) < log tau]
         B      = sum_t w~_t g_t (-l_t(y+)) / max(sum_t w~_t g_t, 1)
-        L      = L_pref + lambda * B                                (per pair; lambda = barrier_weight)
+        L      = L_pref + lambda * B              (per pair; lambda = barrier_weight)
 
     v2: w = 1, S(y) = sum_t m_t l_t (a sum, not a mean), B normalised by max(sum_t g_t, 1).
     Defaults are the reference implementation's: beta 0.5, tau 0.66, lambda 0.5.

@@ -1,0 +1,25 @@
+# `make test` sets up .venv (once) and runs the whole suite; `.ci/run` calls exactly this.
+PYTHON ?= python3
+VENV ?= .venv
+# Linux: the CPU build of torch on this machine's disk (an unpinned torch pulls a CUDA
+# build of several GB). macOS: whatever torch pip picks. MLX: `mlx[cpu]` on Linux, `mlx` on
+# macOS, chosen by the markers of the `mlx` extra in pyproject.toml.
+TORCH_PIN := $(if $(filter Linux,$(shell uname -s)),torch==2.13.0,)
+
+.PHONY: test lint setup
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_PIN) -e '.[torch,mlx,dev]'
+	touch $@
+
+test: setup
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
