@@ -1,0 +1,39 @@
+"""The ``tabpo`` command: one Typer app, one module per command."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tabpo import __version__
+from tabpo.cli import inspect as inspect_cmd
+
+app = typer.Typer(
+    name="tabpo",
+    help="Token-Adaptive Barrier Preference Optimization on MLX and PyTorch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.command("inspect")(inspect_cmd.inspect)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tabpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print version.")
+    ] = False,
+) -> None:
+    """Token-Adaptive Barrier Preference Optimization on MLX and PyTorch."""
+
+
+def main() -> None:
+    app()
