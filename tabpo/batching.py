@@ -87,3 +87,39 @@ def _pad(
         mask[b, n:end] = 1.0
         weights[b, n:end] = w
     return ids, attention, mask, weights
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where the completion tokens of a (N, T) id matrix are, for a gathered LM head.
+
+    The log-prob of token t comes from the hidden state at t - 1, so a backend computes
+    logits only for ``hidden_index`` rows of the flattened (N*T, H) hidden states, takes
+    the log-prob of ``target_ids``, and scatters the results to ``out_index`` of a zero
+    (N*T,) vector: a (N, T) log-prob matrix aligned with the masks.
+    """
+
+    hidden_index: np.ndarray  # (K,) int64, flat index b*T + t - 1
+    target_ids: np.ndarray  # (K,) int64, ids[b, t]
+    out_index: np.ndarray  # (K,) int64, flat index b*T + t
+
+
+def targets(ids: np.ndarray, mask: np.ndarray) -> Targets:
+    """The completion positions of ``ids`` (N, T) under ``mask`` (N, T), row-major order."""
+    rows, cols = np.nonzero(mask[:, 1:] > 0)  # position 0 is never a completion token
+    cols = cols + 1
+    width = ids.shape[1]
+    return Targets(
+        hidden_index=(rows * width + cols - 1).astype(np.int64),
+        target_ids=ids[rows, cols].astype(np.int64),
+        out_index=(rows * width + cols).astype(np.int64),
+    )
+
+
+def concat_sides(batch: PairBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids, attention mask and completion mask of chosen and rejected stacked to (2B, T)."""
+    return (
+        np.concatenate([batch.chosen_ids, batch.rejected_ids]),
+        np.concatenate([batch.chosen_attention_mask, batch.rejected_attention_mask]),
+        np.concatenate([batch.chosen_mask, batch.rejected_mask]),
+    )

@@ -53,3 +53,53 @@ def build_chatml_tokenizer(directory: str | Path | None = None):
     if directory is not None:
         tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+TINY_FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def build_tiny_model(
+    directory: str | Path,
+    family: str = "llama",
+    *,
+    tie: bool = False,
+    layers: int = 2,
+    seed: int = 0,
+    rope_theta: float | None = None,
+):
+    """A tiny random HF causal LM (float32) plus the ChatML tokenizer, saved to `directory`.
+
+    rope_theta defaults to a value neither stack assumes (llama 50000, qwen 20000) so a
+    loader that ignores config.json's nested rope settings builds a different function.
+    Returns the directory.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    tokenizer = build_chatml_tokenizer(directory)
+    theta = rope_theta or (50000.0 if family in ("llama", "mistral") else 20000.0)
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        rope_theta=theta,
+        tie_word_embeddings=tie,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger than the default init so log-probs are far from uniform
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(str(directory))
+    return directory

@@ -12,12 +12,20 @@ pairs (0-d, differentiable through the policy inputs), ``metrics`` a dict of 0-d
 
 from tabpo.losses import tabpo, dpo, reference_free  # noqa: F401, I001  (registers, in table order)
 from tabpo.losses.inputs import PairInputs
-from tabpo.losses.registry import LossError, LossSpec, UnknownLossError, get, names
+from tabpo.losses.registry import (
+    LossError,
+    LossSpec,
+    Objective,
+    UnknownLossError,
+    get,
+    names,
+)
 from tabpo.losses.tabpo import barrier, normalize_weights
 
 __all__ = [
     "LossError",
     "LossSpec",
+    "Objective",
     "PairInputs",
     "UnknownLossError",
     "barrier",

@@ -92,10 +92,58 @@ class LossSpec:
         )
         return self.fn(inputs, **hparams)
 
+    def bind(self, **hparams: Any) -> Objective:
+        """This loss with its hyperparameters fixed (checked now, not at the first step)."""
+        self.check_hparams(hparams)
+        return Objective(self, dict(hparams))
+
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Array, Metrics]:
         """``(loss, metrics)``: ``loss`` is the mean over pairs, a 0-d array."""
         per_pair, metrics = self.per_pair(*args, **kwargs)
         return namespace(per_pair).mean(per_pair), metrics
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A loss with bound hyperparameters, as a backend calls it: ``(per_pair, metrics)``."""
+
+    spec: LossSpec
+    hparams: dict[str, Any]
+
+    @property
+    def needs_reference(self) -> bool:
+        return not self.spec.reference_free
+
+    @property
+    def needs_kl(self) -> bool:
+        return self.spec.needs_kl
+
+    def __call__(
+        self,
+        policy_chosen: Array,
+        policy_rejected: Array | None,
+        ref_chosen: Array | None,
+        ref_rejected: Array | None,
+        chosen_mask: Array,
+        rejected_mask: Array | None,
+        chosen_weights: Array | None = None,
+        rejected_weights: Array | None = None,
+        chosen_kl: Array | None = None,
+        rejected_kl: Array | None = None,
+    ) -> tuple[Array, Metrics]:
+        return self.spec.per_pair(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            chosen_mask,
+            rejected_mask,
+            chosen_weights,
+            rejected_weights,
+            chosen_kl=chosen_kl,
+            rejected_kl=rejected_kl,
+            **self.hparams,
+        )
 
 
 _REGISTRY: dict[str, LossSpec] = {}
