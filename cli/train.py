@@ -1,0 +1,93 @@
+"""``tabpo train``: the options are the fields of ``tabpo.config.TrainConfig``.
+
+The command's signature is built from the dataclass, so every option has one definition:
+its name, type, default and help (shown in groups), the same as the YAML key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tabpo import config as cfg
+from tabpo.checkpoint import CONFIG_FILE, resolve_checkpoint
+from tabpo.cli.common import console, handles_errors
+
+GROUPS = ("Model", "Data", "Loss", "LoRA", "Optimizer", "Output")
+
+
+def _group(name: str) -> str:
+    return str(cfg.FIELDS[name].metadata["group"])
+
+
+def _option(name: str) -> inspect.Parameter:
+    field = cfg.FIELDS[name]
+    hint = typing.get_type_hints(cfg.TrainConfig)[name]
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    default = field.default
+    shown = "" if default is None else f" (default: {default})"
+    flag = "--" + name.replace("_", "-")
+    decls = [f"{flag}/--no-{flag[2:]}"] if base is bool and name != "force" else [flag]
+    option = typer.Option(*decls, help=field.metadata["help"] + shown,
+                          rich_help_panel=field.metadata["group"], show_default=False)  # fmt: skip
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[base | None, option],
+    )  # fmt: skip
+
+
+def train(**values: Any) -> None:
+    """Train a model with TAB-PO or any loss of the library (see the README).
+
+    Every option can also come from --config FILE.yaml (keys are the option names); a flag
+    given here overrides the file.
+    """
+    _run(values)
+
+
+@handles_errors
+def _run(values: dict[str, Any]) -> None:
+    from tabpo.backends import get_backend
+    from tabpo.cli.ui import RichCallbacks
+    from tabpo.train import train as run_training
+
+    config_file = values.pop("config", None)
+    file_values: dict[str, Any] = {}
+    if values.get("resume"):  # the checkpoint's own config, under the file and the flags
+        checkpoint = resolve_checkpoint(values["resume"])
+        file_values = cfg.read_yaml(checkpoint / CONFIG_FILE)
+        file_values.setdefault("output", str(checkpoint.parent))
+    if config_file is not None:
+        file_values.update(cfg.read_yaml(config_file))
+    c = cfg.build(file_values, values)
+    backend = get_backend(c.backend)
+    console.print(f"tabpo train: {c.loss} on {c.model} with the {backend.name} backend "
+                  f"({c.finetune}, {c.dtype}) -> {c.output}")  # fmt: skip
+    with RichCallbacks() as callbacks:
+        run = run_training(c, backend, callbacks)
+    done = run.state.step >= run.state.total_steps
+    console.print(f"[green]done[/]: {run.state.step} steps, weights in {c.output}" if done
+                  else f"[yellow]stopped[/] at step {run.state.step}")  # fmt: skip
+
+
+_params = [
+    inspect.Parameter(
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Path | None,
+            typer.Option(
+                "--config",
+                "-c",
+                help="YAML file of options (keys are the option names).",
+                rich_help_panel="Model",
+            ),
+        ],
+    )  # fmt: skip
+] + sorted((_option(name) for name in cfg.FIELDS), key=lambda p: GROUPS.index(_group(p.name)))
+train.__signature__ = inspect.Signature(_params)  # type: ignore[attr-defined]

@@ -1,0 +1,84 @@
+"""Checkpoints: written to a temporary directory and renamed into place, never half-written.
+
+A checkpoint directory holds what the backend writes (the adapter in its stack's format, or
+a full model directory, plus optimizer and RNG state), ``trainer_state.json`` (step, epoch,
+data position, trained tokens) and the resolved ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tabpo.errors import TabpoError
+
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0  # epoch of the next step
+    epoch_step: int = 0  # position of the next step inside its epoch
+    num_tokens: int = 0  # non-padding tokens trained on so far
+    total_steps: int = 0
+
+
+def write_dir(target: Path, fill: Callable[[Path], None]) -> None:
+    """Create ``target`` atomically: ``fill`` a sibling temporary directory, then rename.
+
+    An existing ``target`` is replaced only after the new one is complete.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_files(source: Path, target: Path) -> None:
+    """Move every file of ``source`` into ``target`` one atomic rename at a time."""
+    for item in sorted(source.iterdir()):
+        os.replace(item, target / item.name)
+
+
+def write_state(directory: Path, state: TrainerState, config_yaml: str) -> None:
+    (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(config_yaml)
+
+
+def read_state(directory: Path) -> TrainerState:
+    try:
+        return TrainerState(**json.loads((directory / STATE_FILE).read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise TabpoError(f"{directory / STATE_FILE}: not a tabpo checkpoint ({exc})") from None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest ``checkpoint-N`` inside an output dir."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    if not path.is_dir():
+        raise TabpoError(f"--resume: {path} does not exist")
+    found = [(int(m.group(1)), p) for p in path.iterdir() if (m := _CHECKPOINT.match(p.name))]
+    found = [(n, p) for n, p in found if (p / STATE_FILE).is_file()]
+    if not found:
+        raise TabpoError(f"--resume: {path} holds no checkpoint (no {STATE_FILE})")
+    return max(found)[1]
