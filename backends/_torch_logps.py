@@ -1,0 +1,123 @@
+"""Per-token log-probs and full-vocabulary KL through a gathered LM head, in PyTorch.
+
+Shapes: N = 2B sequences (chosen then rejected) of length T, hidden size H, vocabulary V,
+K completion tokens in the whole batch (``tabpo.batching.targets``).
+
+Only the K hidden states that predict a completion token go through the LM head, in chunks
+of ``CHUNK_ROWS`` rows, each under activation checkpointing when a gradient is needed: the
+(chunk, V) float32 logits are rebuilt in the backward pass instead of being kept, so the
+peak is one chunk of logits, never (N, T, V).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from tabpo.backends.base import RefLogps
+from tabpo.batching import PairBatch, concat_sides, targets
+from tabpo.errors import TabpoError
+
+CHUNK_ROWS = 4096
+
+
+class DeviceBatch:
+    """One batch on the device: the (2B, T) ids and attention, the completion targets."""
+
+    def __init__(self, batch: PairBatch, device: torch.device) -> None:
+        ids, attention, mask = concat_sides(batch)
+        t = targets(ids, mask)
+        self.device = device
+        self.shape = ids.shape
+        self.ids = torch.from_numpy(ids).to(device)
+        self.attention = torch.from_numpy(attention).to(device=device, dtype=torch.long)
+        self.hidden = torch.from_numpy(t.hidden_index).to(device)
+        self.target = torch.from_numpy(t.target_ids).to(device)
+        self.out = torch.from_numpy(t.out_index).to(device)
+
+    def sides(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """(K,) completion values as chosen (B, T) and rejected (B, T), 0 elsewhere."""
+        return to_sides(values, self.out, self.shape)
+
+    def tensor(self, array: np.ndarray) -> Tensor:
+        return torch.as_tensor(np.asarray(array), dtype=torch.float32, device=self.device)
+
+    def given(self, ref: RefLogps) -> tuple[Tensor, Tensor]:
+        """Precomputed reference log-probs, checked against this batch's (B, T)."""
+        want = (self.shape[0] // 2, self.shape[1])
+        if any(np.shape(r) != want for r in ref):
+            got = [np.shape(r) for r in ref]
+            raise TabpoError(f"precomputed reference log-probs have shapes {got}, batch {want}")
+        return self.tensor(ref[0]), self.tensor(ref[1])
+
+
+def completion_hidden(
+    causal_lm: nn.Module, ids: Tensor, attention: Tensor, hidden_index: Tensor
+) -> Tensor:
+    """Final hidden states (K, H) at the rows of the flattened (N*T, H) states that predict
+    a completion token; the LM head is left out so it runs on these rows only."""
+    decoder = causal_lm.get_decoder()
+    out = decoder(input_ids=ids, attention_mask=attention, use_cache=False)
+    hidden = out.last_hidden_state.flatten(0, 1)  # (N*T, H)
+    return hidden.index_select(0, hidden_index)  # (K, H)
+
+
+def token_logps(rows: Tensor, head: nn.Module, target_ids: Tensor) -> Tensor:
+    """``log pi(y_t) = z[y_t] - logsumexp(z)`` with z = head(h) in float32, shape (K,)."""
+
+    def chunk(h: Tensor, target: Tensor) -> Tensor:
+        logits = head(h).float()  # (k, V)
+        return logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+    return _by_chunks(chunk, rows, target_ids)
+
+
+def token_logps_and_kl(
+    rows: Tensor, ref_rows: Tensor, head: nn.Module, ref_head: nn.Module, target_ids: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Policy and reference log-probs of the targets and the per-position KL, each (K,).
+
+        KL_t = sum_v pi_ref(v|s_t) (log pi_ref(v|s_t) - log pi_theta(v|s_t))
+
+    The reference side carries no gradient; the KL's gradient flows through pi_theta only.
+    """
+
+    def chunk(h: Tensor, h_ref: Tensor, target: Tensor) -> Tensor:
+        logp = head(h).float().log_softmax(-1)  # (k, V)
+        with torch.no_grad():
+            ref_logp = ref_head(h_ref).float().log_softmax(-1)
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        pick = target[:, None]
+        return torch.stack([logp.gather(-1, pick)[:, 0], ref_logp.gather(-1, pick)[:, 0], kl])
+
+    out = _by_chunks(chunk, rows, ref_rows.detach(), target_ids)  # (3, K)
+    return out[0], out[1], out[2]
+
+
+def to_sides(values: Tensor, out_index: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Scatter (K,) values into a zero (N, T) float32 matrix and split it into chosen (B, T)
+    and rejected (B, T); out-of-place, so gradients flow back to ``values``."""
+    n, t = shape
+    flat = values.new_zeros(n * t, dtype=torch.float32).index_put((out_index,), values.float())
+    chosen, rejected = flat.view(n, t).chunk(2)
+    return chosen, rejected
+
+
+def _by_chunks(fn: Callable[..., Tensor], *rows: Tensor) -> Tensor:
+    """``fn`` over row chunks of ``rows``, concatenated along the last axis; checkpointed
+    when a gradient is being recorded, so no chunk's logits outlive its own computation."""
+    grad = torch.is_grad_enabled()
+    parts = []
+    for start in range(0, rows[0].shape[0], CHUNK_ROWS):
+        chunk = [r[start : start + CHUNK_ROWS] for r in rows]
+        if grad:  # the RNG is replayed in case the head has LoRA dropout (target lm_head)
+            parts.append(checkpoint(fn, *chunk, use_reentrant=False))
+        else:
+            parts.append(fn(*chunk))
+    if not parts:  # no completion token at all: keep the graph valid with an empty result
+        return fn(*[r[:0] for r in rows])
+    return torch.cat(parts, dim=-1)

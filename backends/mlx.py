@@ -1,0 +1,288 @@
+"""The MLX backend: mlx-lm models, LoRA on every layer or full fine-tuning, AdamW.
+
+One (2B, T) forward of the inner model gives the hidden states of chosen and rejected; the
+LM head runs on completion rows only (``_mlx_logps``). The reference is the policy with
+its adapter switched off (LoRA: every LoRA scale 0, no second model), a frozen copy of the
+initial model or the model at ``ref_path`` (full fine-tuning), or precomputed log-probs.
+Gradients of micro-batches are summed in float32 until ``optimizer_step``.
+
+LoRA's A factors are drawn from MLX's global RNG when the model loads: call ``seed`` first.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from tabpo.backends import _mlx_io as io
+from tabpo.backends._mlx_logps import as_mx, completion_rows, split_sides, token_logps
+from tabpo.backends._mlx_model import (
+    adapter_off,
+    apply_lora,
+    canonical,
+    from_canonical,
+    load_model,
+    resolve,
+    to_numpy,
+)
+from tabpo.backends.base import (
+    FINETUNE_MODES,
+    ModelOptions,
+    Objective,
+    OptimizerSettings,
+    RefLogps,
+    StepResult,
+)
+from tabpo.batching import PairBatch, Targets, concat_sides, targets
+from tabpo.errors import TabpoError
+from tabpo.models.families import ModelInfo
+from tabpo.xp import to_float
+
+# Reference log-probs (chosen, rejected) and, for KL losses, (reference model, its rows).
+_RefInputs = tuple[tuple[mx.array, mx.array] | None, tuple[nn.Module, mx.array] | None]
+
+
+class MlxBackend:
+    """The ``Backend`` protocol (backends/base.py) on MLX and mlx-lm."""
+
+    name = "mlx"
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.tokenizer: Any = None
+        self.info: ModelInfo | None = None
+        self.lora_parameters: dict[str, Any] | None = None  # mlx-lm's, None when full
+        self._reference_model: nn.Module | None = None  # full fine-tuning only
+        self._optimizer: optim.AdamW | None = None
+        self._grads: Any = None  # float32 tree of summed micro-batch gradients
+
+    # -- model ---------------------------------------------------------------------------
+
+    def load(self, options: ModelOptions) -> None:
+        if options.finetune not in FINETUNE_MODES:
+            raise TabpoError(
+                f"unknown finetune {options.finetune!r}; expected one of {FINETUNE_MODES}"
+            )
+        self.info = resolve(options.path)
+        self.model, self.tokenizer = load_model(self.info, options.dtype)
+        self._reference_model, self._grads = None, None
+        if options.finetune == "lora":
+            self.lora_parameters = apply_lora(self.model, options.lora)
+            return
+        self.lora_parameters = None
+        self.model.unfreeze()
+        if options.ref_path is not None:
+            self._reference_model = self._frozen(resolve(options.ref_path), options.dtype)
+        elif options.keep_reference:
+            self._reference_model = self._frozen(self.info, options.dtype)
+
+    def _frozen(self, info: ModelInfo, dtype: str) -> nn.Module:
+        model, _ = load_model(info, dtype)
+        model.freeze()
+        if model.args.vocab_size != self._policy.args.vocab_size:
+            raise TabpoError(
+                f"reference {info.path} has a vocabulary of {model.args.vocab_size}, "
+                f"the policy {self._policy.args.vocab_size}"
+            )
+        return model
+
+    @property
+    def _policy(self) -> nn.Module:
+        if self.model is None:
+            raise TabpoError("no model: call load() first")
+        return self.model
+
+    def _reference(self) -> tuple[nn.Module, AbstractContextManager]:
+        """The module that computes the reference, and the context it must run in."""
+        if self.lora_parameters is not None:
+            return self._policy, adapter_off(self._policy)
+        if self._reference_model is None:
+            raise TabpoError(
+                "no reference model (full fine-tuning without keep_reference or ref_path): "
+                "the reference log-probs must be precomputed, and losses with a KL term "
+                "cannot be used"
+            )
+        return self._reference_model, nullcontext()
+
+    # -- forward -------------------------------------------------------------------------
+
+    def _reference_forward(
+        self, ids: mx.array, tg: Targets
+    ) -> tuple[nn.Module, mx.array, mx.array]:
+        """Reference model, its completion rows (K, H) and log-probs (2B, T), evaluated now
+        (inside the adapter-off context) and cut from any gradient."""
+        model, context = self._reference()
+        with context:
+            hidden = model.model(ids)
+            logps, _ = token_logps(model, hidden, tg)
+            rows = completion_rows(hidden, tg)
+            mx.eval(logps, rows)
+        return model, mx.stop_gradient(rows), mx.stop_gradient(logps)
+
+    def _reference_inputs(
+        self, batch: PairBatch, ids: mx.array, tg: Targets, objective: Objective, ref: Any
+    ) -> _RefInputs:
+        """What the objective needs of the reference: KL losses always recompute it (the KL
+        needs the reference's full distribution), others use ``ref`` when given."""
+        if objective.needs_kl:
+            model, rows, logps = self._reference_forward(ids, tg)
+            return split_sides(logps), (model, rows)
+        if not objective.needs_reference:
+            return None, None
+        if ref is None:
+            return split_sides(self._reference_forward(ids, tg)[2]), None
+        for given, side in zip(ref, (batch.chosen_ids, batch.rejected_ids), strict=True):
+            if np.shape(given) != side.shape:
+                raise TabpoError(
+                    f"reference log-probs of shape {np.shape(given)} for a batch of {side.shape}"
+                )
+        return (as_mx(ref[0]), as_mx(ref[1])), None
+
+    def _loss_fn(self, batch: PairBatch, objective: Objective, ref: Any, scale: float):
+        """``f() -> (scale * loss, (loss, per_pair, metrics))``, the policy forward inside."""
+        ids_np, _, mask = concat_sides(batch)
+        tg = targets(ids_np, mask)
+        ids = mx.array(ids_np.astype(np.int32))
+        ref_logps, kl_ref = self._reference_inputs(batch, ids, tg, objective, ref)
+        rc, rr = ref_logps if ref_logps is not None else (None, None)
+        masks = [as_mx(batch.chosen_mask), as_mx(batch.rejected_mask)]
+        weights = [as_mx(batch.chosen_weights), as_mx(batch.rejected_weights)]
+        model = self._policy
+
+        def f() -> tuple[mx.array, tuple[mx.array, mx.array, dict[str, mx.array]]]:
+            logps, kl = token_logps(model, model.model(ids), tg, kl_ref)
+            pc, pr = split_sides(logps)
+            ckl, rkl = split_sides(kl) if kl is not None else (None, None)
+            per_pair, metrics = objective(pc, pr, rc, rr, *masks, *weights, ckl, rkl)
+            loss = mx.mean(per_pair)
+            return loss * scale, (loss, per_pair, metrics)
+
+        return f
+
+    @staticmethod
+    def _result(batch: PairBatch, loss: mx.array, per_pair: mx.array, metrics: dict) -> StepResult:
+        mx.eval(loss, per_pair, [v for v in metrics.values() if isinstance(v, mx.array)])
+        tokens = batch.chosen_attention_mask.sum() + batch.rejected_attention_mask.sum()
+        return StepResult(
+            loss=to_float(loss),
+            metrics={k: to_float(v) for k, v in metrics.items()},
+            per_pair=to_numpy(per_pair),
+            tokens=int(tokens),
+        )
+
+    def logps(self, batch: PairBatch, *, reference: bool = False) -> RefLogps:
+        ids_np, _, mask = concat_sides(batch)
+        tg = targets(ids_np, mask)
+        ids = mx.array(ids_np.astype(np.int32))
+        if reference:
+            logps = self._reference_forward(ids, tg)[2]
+        else:
+            model = self._policy
+            model.eval()
+            logps, _ = token_logps(model, model.model(ids), tg)
+        chosen, rejected = split_sides(logps)
+        return to_numpy(chosen), to_numpy(rejected)
+
+    def forward_backward(
+        self, batch: PairBatch, objective: Objective, ref: RefLogps | None, scale: float
+    ) -> StepResult:
+        self._policy.train()  # LoRA dropout on
+        f = self._loss_fn(batch, objective, ref, scale)
+        (_, (loss, per_pair, metrics)), grads = nn.value_and_grad(self._policy, f)()
+        grads = tree_map(lambda g: g.astype(mx.float32), grads)
+        self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+        mx.eval(self._grads)
+        return self._result(batch, loss, per_pair, metrics)
+
+    def evaluate(self, batch: PairBatch, objective: Objective, ref: RefLogps | None) -> StepResult:
+        self._policy.eval()
+        _, (loss, per_pair, metrics) = self._loss_fn(batch, objective, ref, 1.0)()
+        return self._result(batch, loss, per_pair, metrics)
+
+    # -- optimizer -----------------------------------------------------------------------
+
+    def setup_optimizer(self, settings: OptimizerSettings) -> None:
+        """AdamW with bias correction, the update torch's AdamW makes; the learning rate is
+        set at every step by the core's schedule."""
+        self._optimizer = optim.AdamW(
+            learning_rate=0.0,
+            betas=list(settings.betas),
+            eps=settings.eps,
+            weight_decay=settings.weight_decay,
+            bias_correction=True,
+        )
+
+    def _require_optimizer(self) -> optim.AdamW:
+        if self._optimizer is None:
+            raise TabpoError("no optimizer: call setup_optimizer() first")
+        return self._optimizer
+
+    def optimizer_step(self, learning_rate: float, max_grad_norm: float | None) -> float:
+        optimizer, model = self._require_optimizer(), self._policy
+        if self._grads is None:
+            raise TabpoError("no gradients to apply: call forward_backward() first")
+        grads = self._grads
+        if max_grad_norm is not None:
+            grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
+        else:
+            norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+        # the update keeps each parameter's dtype only if the gradient has it too
+        grads = tree_map(lambda g, p: g.astype(p.dtype), grads, model.trainable_parameters())
+        optimizer.learning_rate = learning_rate
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, norm)
+        self._grads = None
+        return float(norm.item())
+
+    # -- state ---------------------------------------------------------------------------
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients (zeros when none are pending)."""
+        grads = self._grads
+        if grads is None:
+            grads = tree_map(mx.zeros_like, self._policy.trainable_parameters())
+        return canonical(grads)
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        return canonical(self._policy.trainable_parameters())
+
+    def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
+        self._policy.update(from_canonical(self._policy, state))
+        mx.eval(self._policy.parameters())
+
+    def save_weights(self, directory: Path) -> None:
+        directory = Path(directory)
+        if self.lora_parameters is not None:
+            io.save_adapter(self._policy, directory, self.lora_parameters)
+        else:
+            assert self.info is not None
+            io.save_model_dir(self._policy, self.info, self.tokenizer, directory)
+
+    def save_state(self, directory: Path) -> None:
+        io.save_optimizer(self._require_optimizer(), Path(directory))
+        io.save_rng(Path(directory))
+
+    def load_state(self, directory: Path) -> None:
+        """Weights (``save_weights``), optimizer and RNG state (``save_state``) of one
+        checkpoint directory; pending gradients are dropped."""
+        directory, optimizer = Path(directory), self._require_optimizer()
+        lora = self.lora_parameters is not None
+        weights = io.read_weights(self._policy, directory, lora=lora)
+        self._policy.update(tree_unflatten(weights))
+        mx.eval(self._policy.parameters())
+        io.load_optimizer(optimizer, directory)
+        io.load_rng(directory)
+        self._grads = None
+
+    def seed(self, seed: int) -> None:
+        mx.random.seed(seed)
+
+    def peak_memory_gb(self) -> float:
+        return mx.get_peak_memory() / 1e9

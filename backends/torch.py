@@ -1,0 +1,288 @@
+"""The PyTorch backend: transformers models, peft LoRA, AdamW (``backends.base.Backend``).
+
+One step runs chosen and rejected as one (2B, T) forward of the decoder; the LM head sees
+only the completion positions (``backends._torch_logps``). The reference is the same model
+with its adapter switched off under LoRA, a frozen copy (or ``ref_path``) under full
+fine-tuning; it always runs in eval mode without gradient.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tabpo.backends import _torch_load as loading
+from tabpo.backends import _torch_params as params
+from tabpo.backends._torch_logps import (
+    DeviceBatch,
+    completion_hidden,
+    token_logps,
+    token_logps_and_kl,
+)
+from tabpo.backends.base import ModelOptions, Objective, OptimizerSettings, RefLogps, StepResult
+from tabpo.batching import PairBatch
+from tabpo.errors import TabpoError
+
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+
+
+class TorchBackend:
+    """``Backend`` on torch + transformers + peft; call ``load`` first."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None  # PeftModel under LoRA, else the causal LM
+        self.reference: nn.Module | None = None  # full fine-tuning only
+        self.tokenizer: Any = None  # full fine-tuning only, saved with the weights
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.device = torch.device("cpu")
+        self.lora = True
+        self._initial = True  # the weights are still those loaded
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load(self, options: ModelOptions) -> None:
+        loading.check_options(options)
+        dtype = loading.torch_dtype(options.dtype)
+        self.device = loading.pick_device(options.device)
+        model = loading.load_causal_lm(options.path, dtype, self.device)
+        self.lora = options.finetune == "lora"
+        self.optimizer, self._initial = None, True
+        self.reference = self.tokenizer = None
+        if self.lora:
+            self.model = loading.wrap_lora(model, options.lora)
+        else:
+            self.model = model.requires_grad_(True)
+            self.reference = loading.full_reference(options, model, dtype, self.device)
+            self.tokenizer = loading.tokenizer_for(options.path)
+
+    @property
+    def _net(self) -> nn.Module:
+        """The trained module: the PeftModel under LoRA, the causal LM otherwise."""
+        if self.model is None:
+            raise TabpoError("no model loaded: call load() first")
+        return self.model
+
+    @property
+    def _lm(self) -> nn.Module:
+        """The causal LM itself (under LoRA, with the adapter layers injected)."""
+        return self._net.get_base_model() if self.lora else self._net
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        return params.trainable(self._net, lora=self.lora)
+
+    # -- log-probs -------------------------------------------------------------------------
+
+    def logps(self, batch: PairBatch, *, reference: bool = False) -> RefLogps:
+        inputs = DeviceBatch(batch, self.device)
+        with torch.no_grad(), _mode(self._net, training=False):
+            if reference:
+                rows, head = self._reference_rows(inputs)
+            else:
+                rows = completion_hidden(self._lm, inputs.ids, inputs.attention, inputs.hidden)
+                head = self._lm.get_output_embeddings()
+            chosen, rejected = inputs.sides(token_logps(rows, head, inputs.target))
+        return params.to_numpy(chosen), params.to_numpy(rejected)
+
+    @contextmanager
+    def _reference_model(self) -> Iterator[nn.Module]:
+        """The reference as a causal LM, in eval mode; the adapter is off inside (LoRA).
+
+        Full fine-tuning without a reference model: until the weights first change the
+        policy is the reference, which is how the core precomputes it; afterwards asking for
+        it is an error rather than a silently wrong answer."""
+        if self.lora:
+            with self._net.disable_adapter(), _mode(self._net, training=False):
+                yield self._lm
+        elif self.reference is not None:
+            yield self.reference
+        elif self._initial:
+            with _mode(self._net, training=False):
+                yield self._lm
+        else:
+            raise TabpoError(
+                "full fine-tuning without a reference model (keep_reference off, no ref_path) "
+                "has no reference once the weights have changed: the reference log-probs "
+                "must be precomputed (precompute_ref_log_probs)"
+            )
+
+    def _reference_rows(self, inputs: DeviceBatch) -> tuple[Tensor, nn.Module]:
+        """Reference hidden states (K, H) at the completion positions, and its LM head."""
+        with torch.no_grad(), self._reference_model() as ref:
+            rows = completion_hidden(ref, inputs.ids, inputs.attention, inputs.hidden)
+            return rows, ref.get_output_embeddings()
+
+    def _reference_logps(self, inputs: DeviceBatch) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            rows, head = self._reference_rows(inputs)
+            return inputs.sides(token_logps(rows, head, inputs.target))
+
+    def _terms(
+        self, inputs: DeviceBatch, objective: Objective, ref: RefLogps | None
+    ) -> tuple[tuple[Tensor, Tensor], Any, Any]:
+        """Policy (B, T) pair with gradient, reference pair (or None) and KL pair (or None).
+
+        A KL needs the reference's full distributions, which precomputed log-probs cannot
+        give, so for such objectives ``ref`` is ignored and the reference runs again."""
+        head = self._lm.get_output_embeddings()
+        if objective.needs_kl:
+            ref_rows, ref_head = self._reference_rows(inputs)
+            rows = completion_hidden(self._lm, inputs.ids, inputs.attention, inputs.hidden)
+            lp, ref_lp, kl = token_logps_and_kl(rows, ref_rows, head, ref_head, inputs.target)
+            return inputs.sides(lp), inputs.sides(ref_lp), inputs.sides(kl)
+        reference = None
+        if objective.needs_reference:
+            reference = self._reference_logps(inputs) if ref is None else inputs.given(ref)
+        rows = completion_hidden(self._lm, inputs.ids, inputs.attention, inputs.hidden)
+        return inputs.sides(token_logps(rows, head, inputs.target)), reference, None
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _step(
+        self, batch: PairBatch, objective: Objective, ref: RefLogps | None
+    ) -> tuple[StepResult, Tensor]:
+        inputs = DeviceBatch(batch, self.device)
+        (pc, pr), reference, kl = self._terms(inputs, objective, ref)
+        rc, rr = reference if reference is not None else (None, None)
+        kc, kr = kl if kl is not None else (None, None)
+        per_pair, metrics = objective(
+            pc, pr, rc, rr,
+            inputs.tensor(batch.chosen_mask), inputs.tensor(batch.rejected_mask),
+            inputs.tensor(batch.chosen_weights), inputs.tensor(batch.rejected_weights),
+            kc, kr,
+        )  # fmt: skip
+        loss = per_pair.mean()
+        result = StepResult(
+            loss=_float(loss),
+            metrics={k: _float(v) for k, v in metrics.items()},
+            per_pair=params.to_numpy(per_pair),
+            tokens=int(inputs.attention.sum()),
+        )
+        return result, loss
+
+    def forward_backward(
+        self, batch: PairBatch, objective: Objective, ref: RefLogps | None, scale: float
+    ) -> StepResult:
+        self._net.train()  # LoRA dropout on
+        result, loss = self._step(batch, objective, ref)
+        (loss * scale).backward()
+        return result
+
+    def evaluate(self, batch: PairBatch, objective: Objective, ref: RefLogps | None) -> StepResult:
+        with torch.no_grad(), _mode(self._net, training=False):
+            return self._step(batch, objective, ref)[0]
+
+    # -- optimizer -------------------------------------------------------------------------
+
+    def setup_optimizer(self, settings: OptimizerSettings) -> None:
+        self.optimizer = torch.optim.AdamW(
+            list(self._params().values()),
+            lr=0.0,
+            betas=settings.betas,
+            eps=settings.eps,
+            weight_decay=settings.weight_decay,
+        )
+
+    def optimizer_step(self, learning_rate: float, max_grad_norm: float | None) -> float:
+        if self.optimizer is None:
+            raise TabpoError("no optimizer: call setup_optimizer() first")
+        trained = list(self._params().values())
+        norm = _grad_norm(trained)
+        self._initial = False
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # -- parameters ------------------------------------------------------------------------
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Accumulated gradients; a parameter no backward reached has a zero gradient."""
+        return {
+            name: params.to_numpy(p.grad) if p.grad is not None else np.zeros(p.shape, np.float32)
+            for name, p in self._params().items()
+        }
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        return {name: params.to_numpy(p) for name, p in self._params().items()}
+
+    def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
+        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+        params.assign(self._params(), tensors, where="load_trainable_state")
+        self._initial = False
+
+    # -- files -----------------------------------------------------------------------------
+
+    def save_weights(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._net.save_pretrained(str(directory))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
+
+    def save_state(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.optimizer is not None:
+            torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        torch.save(params.rng_state(), directory / RNG_FILE)
+
+    def load_state(self, directory: Path) -> None:
+        directory = Path(directory)
+        current = self._params()
+        saved = params.saved_weights(directory, current, lora=self.lora)
+        params.assign(current, saved, where=str(directory))
+        self._initial = False
+        if (directory / OPTIMIZER_FILE).is_file():
+            if self.optimizer is None:
+                raise TabpoError("call setup_optimizer() before load_state() to resume it")
+            state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(state)
+        if (directory / RNG_FILE).is_file():
+            params.set_rng_state(torch.load(directory / RNG_FILE, weights_only=True))
+
+    # -- misc ------------------------------------------------------------------------------
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # seeds every CUDA device too
+
+    def peak_memory_gb(self) -> float:
+        """Peak CUDA allocation on a GPU, else the process's peak resident set size."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9  # bytes vs KiB
+
+
+def _float(value: Any) -> float:
+    return float(value.detach()) if isinstance(value, Tensor) else float(value)
+
+
+def _grad_norm(trained: list[nn.Parameter]) -> float:
+    """``sqrt(sum_p ||g_p||^2)`` over the parameters a backward reached."""
+    norms = [p.grad.detach().float().norm() for p in trained if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+@contextmanager
+def _mode(module: nn.Module, *, training: bool) -> Iterator[None]:
+    """``module`` in train or eval mode inside the block, its previous mode after it."""
+    previous = module.training
+    module.train(training)
+    try:
+        yield
+    finally:
+        module.train(previous)
