@@ -25,6 +25,7 @@ import numpy as np
 
 from tabpo.data import PreferenceExample
 from tabpo.errors import DataError, TabpoError
+from tabpo.models.families import is_hub_id
 from tabpo.weights import ALIGNMENTS, DEFAULT_FIELD_WEIGHTS, DIFF_FACTOR, pair_token_weights
 
 Offsets = list[tuple[int, int]]
@@ -65,8 +66,8 @@ class _Completion:
 
 def load_tokenizer(path: str | Path) -> Any:
     """The Hugging Face tokenizer saved in a local directory."""
-    path = Path(path)
-    if not path.exists():
+    name, path = str(path), Path(path)
+    if not path.exists() and not is_hub_id(name):
         raise TabpoError(f"tokenizer path not found: {path}")
     try:
         from transformers import AutoTokenizer
@@ -75,7 +76,7 @@ def load_tokenizer(path: str | Path) -> Any:
             "reading a tokenizer needs transformers: pip install 'tabpo[torch]' or 'tabpo[mlx]'"
         ) from None
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise TabpoError(f"cannot load a tokenizer from {path}: {e}") from e
 

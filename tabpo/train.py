@@ -32,6 +32,7 @@ from tabpo.data import read_preferences
 from tabpo.encoding import EncodedPair, EncodeStats, encode_pairs, load_tokenizer, pad_id
 from tabpo.errors import TabpoError
 from tabpo.losses import Objective, get
+from tabpo.models.families import inspect_model_dir
 from tabpo.schedule import learning_rate, warmup_steps
 from tabpo.tracking import MetricsLog, Throughput, combine
 
@@ -208,10 +209,8 @@ def prepare_output(c: cfg.TrainConfig) -> tuple[Path, TrainerState | None, Path 
     if c.resume:
         checkpoint = resolve_checkpoint(c.resume)
         return output, read_state(checkpoint), checkpoint
-    if output.exists() and any(output.iterdir()):
-        if not c.force:
-            raise TabpoError(f"output directory {output} exists (use --force or --resume)")
-        shutil.rmtree(output)
+    if output.exists() and any(output.iterdir()) and not c.force:
+        raise TabpoError(f"output directory {output} exists (use --force or --resume)")
     return output, None, None
 
 
@@ -227,8 +226,10 @@ def reference_table(run: Run, data: Dataset, *, name: str) -> refcache.RefTable:
         run.callbacks.message(f"reference log-probs of {name}: cached ({path})")
         return table
     run.callbacks.phase(f"reference ({name})", len(data.pairs))
+    # full fine-tuning without --ref-model: the reference is the policy before any step
+    separate = c.finetune == "lora" or c.ref_model is not None
     table = refcache.compute(
-        lambda b: run.backend.logps(b, reference=True),
+        lambda b: run.backend.logps(b, reference=separate),
         data.pairs,
         batch_size=c.eval_batch_size,
         pad_id=run.pad,
@@ -245,6 +246,9 @@ def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = No
     callbacks = callbacks or Callbacks()
     cfg.validate(c)
     output, resumed, checkpoint = prepare_output(c)
+    inspect_model_dir(c.model or "")  # a clear error before any data is read
+    if c.ref_model:
+        inspect_model_dir(c.ref_model)
     tokenizer = load_tokenizer(c.model or "")
     train_data = load_dataset(c.data or "", tokenizer, c)
     eval_data = load_dataset(c.eval_data, tokenizer, c) if c.eval_data else None
@@ -264,6 +268,8 @@ def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = No
             keep_reference=objective.needs_reference and not precompute,
         )
     )
+    if c.finetune == "lora":  # the same start on every backend, whatever its own init
+        backend.load_trainable_state(seeded_lora_init(backend.trainable_state(), c.seed))
     run = Run(c, backend, objective, train_data, eval_data, pad_id(tokenizer), output, callbacks)
     if precompute:  # before any resume: for full fine-tuning the reference is the start
         run.ref_train = reference_table(run, train_data, name="train")
@@ -276,10 +282,30 @@ def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = No
         callbacks.message(f"resumed from {checkpoint} at step {resumed.step}")
     total = c.max_steps or math.ceil(c.epochs * run.steps_per_epoch)
     run.state.total_steps = total
+    if c.force and output.exists():  # only now: a run that failed to start loses nothing
+        shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(cfg.to_yaml(c))
     _loop(run)
     return run
+
+
+def seeded_lora_init(state: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """LoRA factors drawn from ``seed`` alone, so both backends start from the same function.
+
+    A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform with a = sqrt(5), and mlx-lm's
+    range), B = 0: the adapter starts as a no-op, as in both libraries.
+    """
+    rng = np.random.default_rng([seed, 0x10A])
+    out = {}
+    for name in sorted(state):
+        shape = state[name].shape
+        if name.endswith("lora_A"):
+            bound = 1.0 / math.sqrt(shape[1])
+            out[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+        else:
+            out[name] = np.zeros(shape, dtype=np.float32)
+    return out
 
 
 def _loop(run: Run) -> None:

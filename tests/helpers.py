@@ -100,6 +100,35 @@ def build_tiny_model(
     with torch.no_grad():  # larger than the default init so log-probs are far from uniform
         for p in model.parameters():
             if p.ndim == 2:
-                p.normal_(0.0, 0.2)
+                p.normal_(0.0, 0.1)
     model.save_pretrained(str(directory))
     return directory
+
+
+SUBCODES = [("PartnershipPatient", "build trust", "connection"),
+            ("PartnershipPatient", "alignment", "statePreferences"),
+            ("SDOH", "EconomicStability", "SocialAndCommunityContext"),
+            ("PartnershipProvider", "salutation", "signoff")]  # fmt: skip
+SPANS = ["I trust your judgement", "rent is late", "happy to help", "thank you doctor"]
+
+
+def write_pairs(path: str | Path, n: int = 8, *, seed: int = 0) -> Path:
+    """``n`` annotation pairs (standard form) whose rejected swaps a sibling sub-code."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        code, good, bad = SUBCODES[i % len(SUBCODES)]
+        span = rng.choice(SPANS)
+
+        def answer(sub: str, code: str = code, span: str = span) -> str:
+            item = {"Code": code, "Sub-code": sub, "Span": span}
+            return json.dumps({"results": [item]}, separators=(", ", ": "))
+
+        rows.append({"prompt": f"Annotate message {i}: {span}.", "chosen": answer(good),
+                     "rejected": answer(bad)})  # fmt: skip
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,102 @@
+"""`tabpo train` through Typer's CliRunner: config file and flags, and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import build_tiny_model, write_pairs
+from typer.testing import CliRunner
+
+from tabpo.cli.app import app
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+@pytest.fixture
+def args(model_dir, tmp_path):
+    data = write_pairs(tmp_path / "train.jsonl", 4)
+    return ["train", "--backend", "torch", "--model", str(model_dir), "--data", str(data),
+            "--output", str(tmp_path / "out"), "--ref-cache-dir", str(tmp_path / "cache"),
+            "--lora-rank", "4"]  # fmt: skip
+
+
+def run(argv):
+    return CliRunner().invoke(app, [str(a) for a in argv])
+
+
+def test_yaml_config_and_flag_override(args, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("loss_type: dpo\nmax-steps: 5\nbeta: 0.2\nbatch_size: 2\n"
+                      "gradient_accumulation_steps: 1\n")  # fmt: skip
+    result = run([*args, "--config", config, "--max-steps", 2])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the flag beat the file's 5
+    saved = (out / "config.yaml").read_text()
+    assert "loss: dpo" in saved and "beta: 0.2" in saved
+    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoint-2" / "optimizer.pt").is_file()
+
+
+def test_help_groups_options():
+    result = run(["train", "--help"])
+    assert result.exit_code == 0
+    for panel in ("Model", "Data", "Loss", "LoRA", "Optimizer", "Output"):
+        assert panel in result.output
+    assert "--barrier-weight" in result.output and "--precompute-ref" in result.output
+
+
+def broken_family(model_dir, tmp_path):
+    copy = tmp_path / "gpt"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lora-target-modules", "q_proj,fc_in"], "LoRA target module 'fc_in'"),
+        (["--loss", "tdpo", "--precompute-ref"], "needs the full-vocabulary KL"),
+        (["--loss", "dpo", "--tau", "0.9"], "loss 'dpo' has no hyperparameter 'tau'"),
+        (["--backend", "jax"], "--backend must be one of"),
+        (["--model", "/nonexistent/model"], "model directory not found"),
+        (["--config", "/nonexistent.yaml"], "cannot read config"),
+    ],
+)
+def test_bad_input_one_line_nothing_written(args, tmp_path, extra, message):
+    result = run([*args, *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_family_and_bad_data_line(args, model_dir, tmp_path):
+    result = run([*args, "--model", broken_family(model_dir, tmp_path)])
+    assert result.exit_code == 2 and "model_type 'gpt2' is not supported" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p"}\n')
+    result = run([*args, "--data", bad])
+    assert result.exit_code == 2 and "bad.jsonl:2" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_and_kept(args, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    result = run(args)
+    assert result.exit_code == 2 and "exists (use --force or --resume)" in result.output
+    # --force with a run that cannot start loses nothing either
+    result = run([*args, "--force", "--lora-target-modules", "nope"])
+    assert result.exit_code == 2
+    assert (out / "mine.txt").read_text() == "keep"

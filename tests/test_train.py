@@ -1,0 +1,215 @@
+"""`tabpo train` end to end on both backends: outputs, cache, accumulation, resume, NaNs.
+
+Tiny random models and data built by the tests; float32; LoRA dropout 0 where exact equality
+across batch shapes is asserted (dropout masks depend on the shapes), kept on for resume.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import build_tiny_model, write_pairs
+
+from tabpo import config as cfg
+from tabpo.backends import get_backend
+from tabpo.errors import TabpoError
+from tabpo.train import Callbacks, NonFiniteLoss, train
+
+BACKENDS = ["torch", "mlx"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return write_pairs(root / "train.jsonl", 8), write_pairs(root / "eval.jsonl", 3, seed=1)
+
+
+def config(model_dir, data, tmp_path, **overrides):
+    values = {"model": str(model_dir), "data": str(data[0]), "output": str(tmp_path / "out"),
+              "max_steps": 3, "learning_rate": 1e-2, "warmup_ratio": 0.0, "batch_size": 2,
+              "gradient_accumulation_steps": 1, "ref_cache_dir": str(tmp_path / "cache"),
+              "lora_rank": 4, "lora_alpha": 8.0, **overrides}  # fmt: skip
+    return cfg.build({}, values)
+
+
+def losses_of(output, key="loss"):
+    lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in lines if key in r]
+
+
+class StopAt(Callbacks):
+    """Asks for a stop after step ``n`` (what Ctrl-C does in the CLI)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.step = n, 0
+
+    def log(self, record):
+        self.step = record.get("step", self.step)
+
+    def should_stop(self) -> bool:
+        return self.step >= self.n
+
+
+def close(a, b, tol, what):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = np.abs(a - b)
+    assert np.allclose(a, b, rtol=tol, atol=tol), (
+        f"{what}: max abs diff {diff.max():.3g}, mean {diff.mean():.3g} (tol {tol})"
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_metrics_checkpoints(backend, model_dir, data, tmp_path):
+    c = config(model_dir, data, tmp_path, backend=backend, eval_data=str(data[1]),
+               max_steps=4, save_steps=2, eval_steps=2)  # fmt: skip
+    run = train(c, get_backend(backend))
+    out = tmp_path / "out"
+    assert run.state.step == 4
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    needed = {"loss", "grad_norm", "learning_rate", "num_tokens", "rewards/chosen",
+              "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+              "logps/rejected", "loss/pref", "loss/barrier", "barrier/active_frac",
+              "policy/prob_chosen", "pref/p", "delta/min", "delta/mean", "delta/max", "it/s",
+              "tok/s", "peak_memory_gb", "epoch"}  # fmt: skip
+    assert needed <= set(train_records[0]), needed - set(train_records[0])
+    assert [r["num_tokens"] for r in train_records] == sorted(r["num_tokens"] for r in
+                                                              train_records)  # fmt: skip
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert {"eval_rewards/accuracies", "eval_loss/barrier"} <= set(evals[0])
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (out / "checkpoint-4" / "config.yaml").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
+    adapter = "adapter_model.safetensors" if backend == "torch" else "adapters.safetensors"
+    assert (out / adapter).is_file() and (out / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_precomputed_reference_gives_the_same_losses(backend, model_dir, data, tmp_path):
+    with_cache = config(model_dir, data, tmp_path / "a", backend=backend, precompute_ref=True)
+    without = config(model_dir, data, tmp_path / "b", backend=backend, precompute_ref=False)
+    train(with_cache, get_backend(backend))
+    train(without, get_backend(backend))
+    a, b = losses_of(tmp_path / "a" / "out"), losses_of(tmp_path / "b" / "out")
+    assert len(a) == 3
+    close(a, b, 1e-6, f"{backend} losses with vs without the reference cache")
+    cached = list((tmp_path / "a" / "cache").glob("*.safetensors"))
+    assert len(cached) == 1
+    # a second run hits the cache: corrupt its values and the losses must change
+    train(config(model_dir, data, tmp_path / "c", backend=backend, precompute_ref=True,
+                 ref_cache_dir=str(tmp_path / "a" / "cache")), get_backend(backend))  # fmt: skip
+    close(losses_of(tmp_path / "c" / "out"), a, 1e-6, "cache hit")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accumulation_equals_one_big_batch(backend, model_dir, data, tmp_path):
+    """4 pairs a step as 1 x 4, 2 x 2 and 4 x 1: the same losses and weights (dropout 0)."""
+    results = []
+    for i, (bs, acc) in enumerate([(4, 1), (2, 2), (1, 4)]):
+        c = config(model_dir, data, tmp_path / str(i), backend=backend, batch_size=bs,
+                   gradient_accumulation_steps=acc, lora_dropout=0.0, loss="dpo")  # fmt: skip
+        run = train(c, get_backend(backend))
+        results.append((losses_of(tmp_path / str(i) / "out"), run.backend.trainable_state()))
+    base_losses, base_state = results[0]
+    for losses, state in results[1:]:
+        close(losses, base_losses, 1e-6, f"{backend} accumulated losses")
+        for k in base_state:
+            close(state[k], base_state[k], 1e-5, f"{backend} weights {k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_reproduces_uninterrupted_run(backend, model_dir, data, tmp_path):
+    """2N straight vs N, stop (Ctrl-C's path), resume, N: same losses; LoRA dropout on."""
+    straight = config(model_dir, data, tmp_path / "a", backend=backend, max_steps=4,
+                      lora_dropout=0.1)  # fmt: skip
+    train(straight, get_backend(backend))
+    first = config(model_dir, data, tmp_path / "b", backend=backend, max_steps=4,
+                   lora_dropout=0.1)  # fmt: skip
+    stopped = train(first, get_backend(backend), StopAt(2))
+    assert stopped.state.step == 2
+    out = tmp_path / "b" / "out"
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists()
+    resumed = cfg.build({}, {**first.to_dict(), "resume": str(out)})
+    train(resumed, get_backend(backend))
+    close(losses_of(out), losses_of(tmp_path / "a" / "out"), 1e-6,
+          f"{backend} resumed vs straight losses")  # fmt: skip
+
+
+class PoisonAt(Callbacks):
+    """Writes NaN into the weights after step ``n`` (a stand-in for a diverging run)."""
+
+    def __init__(self, backend, n):
+        self.backend, self.n = backend, n
+
+    def log(self, record):
+        if record.get("step") == self.n:
+            state = self.backend.trainable_state()
+            self.backend.load_trainable_state({k: v * np.nan for k, v in state.items()})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_loss_stops_with_a_diagnosis(backend, model_dir, data, tmp_path):
+    c = config(model_dir, data, tmp_path, backend=backend, max_steps=4, save_steps=2,
+               lora_dropout=0.0)  # fmt: skip
+    impl = get_backend(backend)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 3: .*pairs \d+ \(line \d+"):
+        train(c, impl, PoisonAt(impl, 2))
+    out = tmp_path / "out"
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()  # the last good one
+    assert not (out / "checkpoint-3").exists() and not (out / "checkpoint-4").exists()
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+
+
+def test_missing_backend_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith("mlx") else real(name, *a),
+    )
+    with pytest.raises(TabpoError, match=r"pip install 'tabpo\[mlx\]'"):
+        get_backend("mlx")
+
+
+def test_output_exists_is_refused(model_dir, data, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(TabpoError, match="exists"):
+        train(config(model_dir, data, tmp_path, backend="torch"), get_backend("torch"))
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_finetuning_writes_a_loadable_model(backend, model_dir, data, tmp_path):
+    """Full fine-tuning with the (default) precomputed reference: no second model is kept,
+    and the output directory loads in the stack that wrote it with the trained weights."""
+    c = config(model_dir, data, tmp_path, backend=backend, finetune="full",
+               learning_rate=1e-3, max_steps=2)  # fmt: skip
+    run = train(c, get_backend(backend))
+    out = tmp_path / "out"
+    trained = run.backend.trainable_state()["model.layers.0.mlp.up_proj.weight"]
+    if backend == "torch":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(out)
+        loaded = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    else:
+        from mlx_lm.utils import load
+
+        model, _ = load(str(out))
+        loaded = np.array(model.model.layers[0].mlp.up_proj.weight)
+    np.testing.assert_array_equal(loaded, trained)
+    # no second model was kept: the reference came from the cache
+    assert getattr(run.backend, "reference", getattr(run.backend, "_reference_model", None)) is None
