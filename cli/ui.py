@@ -27,14 +27,14 @@ class RichCallbacks(Callbacks):
     def __init__(self) -> None:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[figures]}"),
             console=console,
         )
-        self.task: Any = None
+        self.tasks: dict[str, Any] = {}
         self.stop_requested = False
         self._previous_handler: Any = None
 
@@ -54,19 +54,23 @@ class RichCallbacks(Callbacks):
         console.print("[yellow]stopping after this step (Ctrl-C again to abort)[/]")
 
     def phase(self, name: str, total: int) -> None:
-        if self.task is not None:
-            self.progress.update(self.task, visible=self.progress.tasks[-1].finished)
-        self.task = self.progress.add_task(name, total=total, figures="")
+        """One bar per phase name; a phase that comes back (eval) restarts its own bar."""
+        if name in self.tasks:
+            self.progress.reset(self.tasks[name], total=total, visible=True)
+        else:
+            self.tasks[name] = self.progress.add_task(name, total=total, figures="")
 
-    def advance(self, n: int = 1, figures: dict[str, float] | None = None) -> None:
-        self.progress.advance(self.task, n)
+    def advance(self, phase: str, n: int = 1) -> None:
+        self.progress.advance(self.tasks[phase], n)
 
     def log(self, record: dict[str, Any]) -> None:
-        text = "  ".join(f"{k} {record[k]:.4g}" for k in SHOWN if k in record)
         if "eval_loss" in record:
-            console.print(f"step {record['step']}: eval_loss {record['eval_loss']:.4f}")
-        elif self.task is not None:
-            self.progress.update(self.task, figures=text)
+            figures = "  ".join(f"{k} {record['eval_' + k]:.4g}" for k in SHOWN[:3]
+                                if "eval_" + k in record)  # fmt: skip
+            console.print(f"step {record['step']}: eval {figures}", highlight=False)
+        elif "train" in self.tasks:
+            text = "  ".join(f"{k} {record[k]:.4g}" for k in SHOWN if k in record)
+            self.progress.update(self.tasks["train"], figures=text)
 
     def message(self, text: str) -> None:
         console.print(text, highlight=False)

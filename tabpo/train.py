@@ -49,7 +49,7 @@ class Callbacks:
 
     def phase(self, name: str, total: int) -> None: ...
 
-    def advance(self, n: int = 1, figures: dict[str, float] | None = None) -> None: ...
+    def advance(self, phase: str, n: int = 1) -> None: ...
 
     def log(self, record: dict[str, Any]) -> None: ...
 
@@ -174,7 +174,7 @@ class Run:
             ref = self.ref_eval.for_batch(batch) if self.ref_eval else None
             result = self.backend.evaluate(batch, self.objective, ref)
             parts.append((len(batch.indices), {"loss": result.loss, **result.metrics}))
-            self.callbacks.advance(len(batch.indices))
+            self.callbacks.advance("eval", len(batch.indices))
         return {f"eval_{k}": v for k, v in combine(parts).items()}
 
     def checkpoint(self) -> Path:
@@ -233,7 +233,7 @@ def reference_table(run: Run, data: Dataset, *, name: str) -> refcache.RefTable:
         data.pairs,
         batch_size=c.eval_batch_size,
         pad_id=run.pad,
-        progress=run.callbacks.advance,
+        progress=lambda n: run.callbacks.advance(f"reference ({name})", n),
     )
     refcache.save(table, path, key)
     return table
@@ -322,7 +322,7 @@ def _loop(run: Run) -> None:
                 "peak_memory_gb": run.backend.peak_memory_gb()}  # fmt: skip
             log.write(record)
             run.callbacks.log(record)
-        run.callbacks.advance(1, {"loss": record["loss"]})
+        run.callbacks.advance("train")
         if run.eval and c.eval_steps and s.step % c.eval_steps == 0 and s.step < s.total_steps:
             _log_eval(run, log)
         if c.save_steps and s.step % c.save_steps == 0 and s.step < s.total_steps:

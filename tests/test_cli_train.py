@@ -100,3 +100,55 @@ def test_existing_output_is_refused_and_kept(args, tmp_path):
     result = run([*args, "--force", "--lora-target-modules", "nope"])
     assert result.exit_code == 2
     assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(args, tmp_path):
+    """A real SIGINT to `tabpo train`: it finishes the step, saves, exits 0; --resume with
+    the output directory alone continues to the planned step count."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-c", "from tabpo.cli.app import main; main()", *args,
+            "--max-steps", "400", "--loss", "sft", "--batch-size", "1",
+            "--gradient-accumulation-steps", "1"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "120"})  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stopped at step" in output
+    checkpoints = [p for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= stopped_at < 400
+    result = run(["train", "--resume", out, "--max-steps", stopped_at + 2])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(x).get("step") for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damage", ["no-config", "no-weights", "truncated"])
+def test_damaged_model_directory(args, model_dir, tmp_path, damage):
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    if damage == "no-config":
+        (copy / "config.json").unlink()
+        message = "no config.json"
+    elif damage == "no-weights":
+        (copy / "model.safetensors").unlink()
+        message = "no model*.safetensors"
+    else:
+        (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:4])
+        message = "not a readable safetensors file"
+    result = run([*args, "--model", copy])
+    assert result.exit_code == 2 and message in result.output, result.output
