@@ -25,7 +25,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import _download
 from mlx_lm.utils import load as mlx_lm_load
 
-from tabpo.backends.base import DTYPES, LoraSettings
+from tabpo.backends.base import DTYPES, LoraSettings, check_state
 from tabpo.errors import TabpoError
 from tabpo.models.families import ModelInfo, inspect_model_dir, tensor_names, weight_files
 
@@ -142,20 +142,15 @@ def from_canonical(model: nn.Module, state: dict[str, np.ndarray]) -> Any:
     for name in current:
         stem, leaf = name.rsplit(".", 1)
         wanted[f"{stem}.{_TO_CANONICAL.get(leaf, leaf)}"] = name
-    missing = sorted(set(wanted) - set(state))
-    unknown = sorted(set(state) - set(wanted))
-    if missing or unknown:
-        raise TabpoError(
-            f"trainable state does not match the model: missing {missing[:3]}, "
-            f"unknown {unknown[:3]}"
-        )
+    transposed = {n: n.rsplit(".", 1)[-1] in _TO_CANONICAL for n in current}
+    check_state(
+        {k: tuple(current[n].shape)[:: -1 if transposed[n] else 1] for k, n in wanted.items()},
+        {k: tuple(np.shape(v)) for k, v in state.items()},
+        where="load_trainable_state",
+    )
     arrays = []
     for key, name in wanted.items():
-        value, shape = np.asarray(state[key]), tuple(current[name].shape)
-        transposed = name.rsplit(".", 1)[-1] in _TO_CANONICAL
-        expected = shape[::-1] if transposed else shape
-        if value.shape != expected:
-            raise TabpoError(f"{key}: shape {value.shape}, the model's is {expected}")
-        value = value.T if transposed else value
+        value = np.asarray(state[key])
+        value = value.T if transposed[name] else value
         arrays.append((name, mx.array(value).astype(current[name].dtype)))
     return tree_unflatten(arrays)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from tabpo.backends.base import check_state
 from tabpo.errors import TabpoError
 from tabpo.models.families import weight_files
 
@@ -42,20 +43,11 @@ def to_numpy(tensor: Tensor) -> np.ndarray:
 
 def assign(params: dict[str, nn.Parameter], values: dict[str, Tensor], *, where: str) -> None:
     """Copy ``values`` into ``params``; every name must match, with the same shape."""
-    missing = sorted(set(params) - set(values))
-    unknown = sorted(set(values) - set(params))
-    if missing or unknown:
-        raise TabpoError(
-            f"{where}: trainable state does not match the model "
-            f"(missing: {', '.join(missing[:5]) or 'none'}; "
-            f"unknown: {', '.join(unknown[:5]) or 'none'})"
-        )
-    for name, param in params.items():
-        value = values[name]
-        if tuple(value.shape) != tuple(param.shape):
-            raise TabpoError(
-                f"{where}: {name} has shape {tuple(value.shape)}, the model {tuple(param.shape)}"
-            )
+    check_state(
+        {k: tuple(p.shape) for k, p in params.items()},
+        {k: tuple(v.shape) for k, v in values.items()},
+        where=where,
+    )
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(values[name].to(device=param.device, dtype=param.dtype))

@@ -144,3 +144,25 @@ class Backend(Protocol):
     def seed(self, seed: int) -> None: ...
 
     def peak_memory_gb(self) -> float: ...
+
+
+def check_state(
+    expected: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], *, where: str
+) -> None:
+    """A TabpoError unless ``given`` has exactly the names and shapes of ``expected``
+    (name -> shape, canonical names), for loading weights into either backend."""
+    from tabpo.errors import TabpoError
+
+    missing = sorted(set(expected) - set(given))
+    unknown = sorted(set(given) - set(expected))
+    if missing or unknown:
+        raise TabpoError(
+            f"{where}: trainable state does not match the model "
+            f"(missing: {', '.join(missing[:5]) or 'none'}; "
+            f"unknown: {', '.join(unknown[:5]) or 'none'})"
+        )
+    for name, shape in expected.items():
+        if tuple(given[name]) != tuple(shape):
+            raise TabpoError(
+                f"{where}: {name} has shape {tuple(given[name])}, the model {tuple(shape)}"
+            )
