@@ -80,11 +80,5 @@ def token_logps(
     return scatter(logps, tg, shape), scatter(kls, tg, shape) if ref is not None else None
 
 
-def split_sides(x: mx.array) -> tuple[mx.array, mx.array]:
-    """(2B, T) -> chosen (B, T), rejected (B, T)."""
-    half = x.shape[0] // 2
-    return x[:half], x[half:]
-
-
-def as_mx(x: np.ndarray) -> mx.array:
-    return mx.array(np.asarray(x, dtype=np.float32))
+def as_mx(x: np.ndarray | None) -> mx.array | None:
+    return None if x is None else mx.array(np.asarray(x, dtype=np.float32))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from tabpo.backends.base import RefLogps
-from tabpo.batching import PairBatch, concat_sides, targets
+from tabpo.batching import PairBatch, concat_sides, split_rows, targets
 from tabpo.errors import TabpoError
 
 CHUNK_ROWS = 4096
@@ -33,22 +33,26 @@ class DeviceBatch:
         t = targets(ids, mask)
         self.device = device
         self.shape = ids.shape
+        self.pairs = batch.size
         self.ids = torch.from_numpy(ids).to(device)
         self.attention = torch.from_numpy(attention).to(device=device, dtype=torch.long)
         self.hidden = torch.from_numpy(t.hidden_index).to(device)
         self.target = torch.from_numpy(t.target_ids).to(device)
         self.out = torch.from_numpy(t.out_index).to(device)
 
-    def sides(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        """(K,) completion values as chosen (B, T) and rejected (B, T), 0 elsewhere."""
-        return to_sides(values, self.out, self.shape)
+    def sides(self, values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(K,) completion values as chosen (B, T) and rejected (B, T) (None in a
+        completion-only batch), 0 elsewhere."""
+        return to_sides(values, self.out, self.shape, self.pairs)
 
-    def tensor(self, array: np.ndarray) -> Tensor:
+    def tensor(self, array: np.ndarray | None) -> Tensor | None:
+        if array is None:
+            return None
         return torch.as_tensor(np.asarray(array), dtype=torch.float32, device=self.device)
 
     def given(self, ref: RefLogps) -> tuple[Tensor, Tensor]:
         """Precomputed reference log-probs, checked against this batch's (B, T)."""
-        want = (self.shape[0] // 2, self.shape[1])
+        want = (self.pairs, self.shape[1])
         if any(np.shape(r) != want for r in ref):
             got = [np.shape(r) for r in ref]
             raise TabpoError(f"precomputed reference log-probs have shapes {got}, batch {want}")
@@ -98,13 +102,14 @@ def token_logps_and_kl(
     return out[0], out[1], out[2]
 
 
-def to_sides(values: Tensor, out_index: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def to_sides(
+    values: Tensor, out_index: Tensor, shape: tuple[int, int], pairs: int
+) -> tuple[Tensor, Tensor | None]:
     """Scatter (K,) values into a zero (N, T) float32 matrix and split it into chosen (B, T)
     and rejected (B, T); out-of-place, so gradients flow back to ``values``."""
     n, t = shape
     flat = values.new_zeros(n * t, dtype=torch.float32).index_put((out_index,), values.float())
-    chosen, rejected = flat.view(n, t).chunk(2)
-    return chosen, rejected
+    return split_rows(flat.view(n, t), pairs)
 
 
 def _by_chunks(fn: Callable[..., Tensor], *rows: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from tabpo.backends import _mlx_io as io
-from tabpo.backends._mlx_logps import as_mx, completion_rows, split_sides, token_logps
+from tabpo.backends._mlx_logps import as_mx, completion_rows, token_logps
 from tabpo.backends._mlx_model import (
     adapter_off,
     apply_lora,
@@ -40,7 +40,7 @@ from tabpo.backends.base import (
     RefLogps,
     StepResult,
 )
-from tabpo.batching import PairBatch, Targets, concat_sides, targets
+from tabpo.batching import PairBatch, Targets, concat_sides, split_rows, targets
 from tabpo.errors import TabpoError
 from tabpo.models.families import ModelInfo
 from tabpo.xp import to_float
@@ -133,11 +133,11 @@ class MlxBackend:
         needs the reference's full distribution), others use ``ref`` when given."""
         if objective.needs_kl:
             model, rows, logps = self._reference_forward(ids, tg)
-            return split_sides(logps), (model, rows)
+            return split_rows(logps, batch.size), (model, rows)
         if not objective.needs_reference:
             return None, None
         if ref is None:
-            return split_sides(self._reference_forward(ids, tg)[2]), None
+            return split_rows(self._reference_forward(ids, tg)[2], batch.size), None
         for given, side in zip(ref, (batch.chosen_ids, batch.rejected_ids), strict=True):
             if np.shape(given) != side.shape:
                 raise TabpoError(
@@ -158,8 +158,8 @@ class MlxBackend:
 
         def f() -> tuple[mx.array, tuple[mx.array, mx.array, dict[str, mx.array]]]:
             logps, kl = token_logps(model, model.model(ids), tg, kl_ref)
-            pc, pr = split_sides(logps)
-            ckl, rkl = split_sides(kl) if kl is not None else (None, None)
+            pc, pr = split_rows(logps, batch.size)
+            ckl, rkl = split_rows(kl, batch.size) if kl is not None else (None, None)
             per_pair, metrics = objective(pc, pr, rc, rr, *masks, *weights, ckl, rkl)
             loss = mx.mean(per_pair)
             return loss * scale, (loss, per_pair, metrics)
@@ -169,7 +169,7 @@ class MlxBackend:
     @staticmethod
     def _result(batch: PairBatch, loss: mx.array, per_pair: mx.array, metrics: dict) -> StepResult:
         mx.eval(loss, per_pair, [v for v in metrics.values() if isinstance(v, mx.array)])
-        tokens = batch.chosen_attention_mask.sum() + batch.rejected_attention_mask.sum()
+        tokens = concat_sides(batch)[1].sum()
         return StepResult(
             loss=to_float(loss),
             metrics={k: to_float(v) for k, v in metrics.items()},
@@ -187,8 +187,8 @@ class MlxBackend:
             model = self._policy
             model.eval()
             logps, _ = token_logps(model, model.model(ids), tg)
-        chosen, rejected = split_sides(logps)
-        return to_numpy(chosen), to_numpy(rejected)
+        chosen, rejected = split_rows(logps, batch.size)
+        return to_numpy(chosen), None if rejected is None else to_numpy(rejected)
 
     def forward_backward(
         self, batch: PairBatch, objective: Objective, ref: RefLogps | None, scale: float

@@ -92,7 +92,7 @@ class TorchBackend:
                 rows = completion_hidden(self._lm, inputs.ids, inputs.attention, inputs.hidden)
                 head = self._lm.get_output_embeddings()
             chosen, rejected = inputs.sides(token_logps(rows, head, inputs.target))
-        return params.to_numpy(chosen), params.to_numpy(rejected)
+        return params.to_numpy(chosen), None if rejected is None else params.to_numpy(rejected)
 
     @contextmanager
     def _reference_model(self) -> Iterator[nn.Module]:

@@ -9,36 +9,56 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
 from tabpo.encoding import EncodedPair
 
+T = TypeVar("T", bound=Any)
+
 
 @dataclass
 class PairBatch:
-    """Right-padded pairs: ids int64, the rest float32, all (B, T); `indices` (B,) int64."""
+    """Right-padded pairs: ids int64, the rest float32, all (B, T); `indices` (B,) int64.
+
+    The ``rejected_*`` arrays are None in a batch of prompt/completion examples (SFT data):
+    then only the chosen side runs through the model.
+    """
 
     chosen_ids: np.ndarray
-    rejected_ids: np.ndarray
+    rejected_ids: np.ndarray | None
     chosen_attention_mask: np.ndarray
-    rejected_attention_mask: np.ndarray
+    rejected_attention_mask: np.ndarray | None
     chosen_mask: np.ndarray
-    rejected_mask: np.ndarray
+    rejected_mask: np.ndarray | None
     chosen_weights: np.ndarray
-    rejected_weights: np.ndarray
+    rejected_weights: np.ndarray | None
     indices: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.chosen_ids.shape[0])
 
 
 def collate(pairs: Sequence[EncodedPair], pad_id: int) -> PairBatch:
     """Right-pad pairs to one common length T = max over pairs and sides of prompt+completion."""
     if not pairs:
         raise ValueError("cannot collate an empty list of pairs")
-    length = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
-    chosen = _pad([(p.prompt_ids, p.chosen_ids, p.chosen_weights) for p in pairs], length, pad_id)
-    rejected = _pad(
-        [(p.prompt_ids, p.rejected_ids, p.rejected_weights) for p in pairs], length, pad_id
+    with_rejected = [p.rejected_ids is not None for p in pairs]
+    if any(with_rejected) and not all(with_rejected):
+        raise ValueError("cannot batch preference pairs together with completion-only examples")
+    length = max(
+        len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids or [])) for p in pairs
     )
+    chosen = _pad([(p.prompt_ids, p.chosen_ids, p.chosen_weights) for p in pairs], length, pad_id)
+    rejected: tuple[np.ndarray | None, ...] = (None,) * 4
+    if all(with_rejected):
+        rejected = _pad(
+            [(p.prompt_ids, p.rejected_ids or [], p.rejected_weights) for p in pairs],
+            length,
+            pad_id,
+        )
     return PairBatch(
         chosen_ids=chosen[0],
         rejected_ids=rejected[0],
@@ -74,7 +94,7 @@ def batches(
 
 
 def _pad(
-    rows: list[tuple[list[int], list[int], np.ndarray]], length: int, pad_id: int
+    rows: list[tuple[list[int], list[int], np.ndarray | None]], length: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """ids, attention mask, completion mask and weights of one side, each (B, T)."""
     ids = np.full((len(rows), length), pad_id, dtype=np.int64)
@@ -117,9 +137,18 @@ def targets(ids: np.ndarray, mask: np.ndarray) -> Targets:
 
 
 def concat_sides(batch: PairBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ids, attention mask and completion mask of chosen and rejected stacked to (2B, T)."""
+    """ids, attention mask and completion mask of chosen and rejected stacked to (2B, T)
+    (just the chosen (B, T) in a completion-only batch)."""
+    if batch.rejected_ids is None:
+        return batch.chosen_ids, batch.chosen_attention_mask, batch.chosen_mask
+    assert batch.rejected_attention_mask is not None and batch.rejected_mask is not None
     return (
         np.concatenate([batch.chosen_ids, batch.rejected_ids]),
         np.concatenate([batch.chosen_attention_mask, batch.rejected_attention_mask]),
         np.concatenate([batch.chosen_mask, batch.rejected_mask]),
     )
+
+
+def split_rows(x: T, pairs: int) -> tuple[T, T | None]:
+    """(N, ...) stacked sides -> chosen (B, ...) and rejected (B, ...), or None when N = B."""
+    return x[:pairs], (x[pairs:] if x.shape[0] > pairs else None)  # type: ignore[index]

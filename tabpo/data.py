@@ -32,11 +32,15 @@ Message = dict[str, str]
 
 @dataclass(frozen=True)
 class PreferenceExample:
-    """One preference pair: prompt messages (ending with a user turn) and two answers."""
+    """One preference pair: prompt messages (ending with a user turn) and two answers.
+
+    ``rejected`` is None for a prompt/completion record (SFT data): ``chosen`` holds the
+    completion.
+    """
 
     prompt: list[Message]
     chosen: str
-    rejected: str
+    rejected: str | None
     line: int
     conversational: bool
 
@@ -113,6 +117,8 @@ def parse_record(record: Any, path: str | Path, line: int) -> PreferenceExample:
     at = _At(Path(path), line)
     if not isinstance(record, dict):
         raise at.error(f"expected a JSON object, got {_kind(record)}")
+    if "completion" in record and "chosen" not in record:
+        return _completion_record(record, at)
     for key in ("chosen", "rejected"):
         if key not in record:
             raise at.error("missing", field=key)
@@ -130,6 +136,27 @@ def parse_record(record: Any, path: str | Path, line: int) -> PreferenceExample:
         if not answer.strip():
             raise at.error("empty completion", field=key)
     return PreferenceExample(prompt, chosen, rejected, line, conversational)
+
+
+def _completion_record(record: dict[str, Any], at: _At) -> PreferenceExample:
+    """TRL's prompt/completion form (strings, or messages with one assistant turn)."""
+    if "prompt" not in record:
+        raise at.error("missing", field="prompt")
+    completion = record["completion"]
+    conversational = isinstance(completion, list)
+    if conversational:
+        prompt = _messages(record["prompt"], "prompt", at)
+        answer = _single_answer(_messages(completion, "completion", at), "completion", at)
+    else:
+        for key in ("prompt", "completion"):
+            if not isinstance(record[key], str):
+                raise at.error(f"expected a string, got {_kind(record[key])}", field=key)
+        prompt, answer = [{"role": "user", "content": record["prompt"]}], completion
+    prompt = _with_system(prompt, record, at)
+    _check_prompt(prompt, at)
+    if not answer.strip():
+        raise at.error("empty completion", field="completion")
+    return PreferenceExample(prompt, answer, None, at.line, conversational)
 
 
 def _standard(record: dict[str, Any], at: _At) -> tuple[list[Message], str, str]:

@@ -26,22 +26,29 @@ import numpy as np
 from tabpo.data import PreferenceExample
 from tabpo.errors import DataError, TabpoError
 from tabpo.models.families import is_hub_id
-from tabpo.weights import ALIGNMENTS, DEFAULT_FIELD_WEIGHTS, DIFF_FACTOR, pair_token_weights
+from tabpo.weights import (
+    ALIGNMENTS,
+    DEFAULT_FIELD_WEIGHTS,
+    DIFF_FACTOR,
+    field_value_weights,
+    pair_token_weights,
+)
 
 Offsets = list[tuple[int, int]]
 
 
 @dataclass
 class EncodedPair:
-    """Token ids of one pair; `chosen_ids`/`rejected_ids` are the completions only."""
+    """Token ids of one pair; `chosen_ids`/`rejected_ids` are the completions only
+    (`rejected_ids` None for a prompt/completion example)."""
 
     index: int
     line: int
     prompt_ids: list[int]
     chosen_ids: list[int]
-    rejected_ids: list[int]
+    rejected_ids: list[int] | None
     chosen_weights: np.ndarray
-    rejected_weights: np.ndarray
+    rejected_weights: np.ndarray | None
 
 
 @dataclass
@@ -114,28 +121,32 @@ def encode_pairs(
     pairs, stats = [], EncodeStats()
     for index, example in enumerate(examples):
         prompt_ids, chosen, rejected = _encode_example(tokenizer, example)
-        if chosen.ids == rejected.ids:
+        if rejected is not None and chosen.ids == rejected.ids:
             stats.skipped_identical += 1
             continue
-        keep = max_length - max(len(chosen.ids), len(rejected.ids))
+        sides = [chosen] if rejected is None else [chosen, rejected]
+        keep = max_length - max(len(side.ids) for side in sides)
         if keep < 1:
             stats.skipped_too_long += 1
             continue
         if len(prompt_ids) > keep:
             prompt_ids = prompt_ids[-keep:]
             stats.prompt_truncated += 1
-        stats.prefix_mismatches += chosen.prefix_mismatch or rejected.prefix_mismatch
-        stats.template_fallbacks += chosen.template_fallback or rejected.template_fallback
-        w_chosen, w_rejected = pair_token_weights(
-            example.chosen, chosen.offsets, chosen.ids,
-            example.rejected, rejected.offsets, rejected.ids,
-            field_weights=field_weights, diff_factor=diff_factor, align=align,
-        )  # fmt: skip
-        pairs.append(
-            EncodedPair(
+        stats.prefix_mismatches += any(side.prefix_mismatch for side in sides)
+        stats.template_fallbacks += any(side.template_fallback for side in sides)
+        if rejected is None or example.rejected is None:
+            w_chosen = field_value_weights(example.chosen, chosen.offsets, field_weights)
+            pair = EncodedPair(index, example.line, prompt_ids, chosen.ids, None, w_chosen, None)
+        else:
+            w_chosen, w_rejected = pair_token_weights(
+                example.chosen, chosen.offsets, chosen.ids,
+                example.rejected, rejected.offsets, rejected.ids,
+                field_weights=field_weights, diff_factor=diff_factor, align=align,
+            )  # fmt: skip
+            pair = EncodedPair(
                 index, example.line, prompt_ids, chosen.ids, rejected.ids, w_chosen, w_rejected
             )
-        )
+        pairs.append(pair)
         stats.encoded += 1
     if not pairs:
         raise DataError(
@@ -148,23 +159,21 @@ def encode_pairs(
 
 def _encode_example(
     tokenizer: Any, example: PreferenceExample
-) -> tuple[list[int], _Completion, _Completion]:
-    answers = (example.chosen, example.rejected)
+) -> tuple[list[int], _Completion, _Completion | None]:
+    answers = [a for a in (example.chosen, example.rejected) if a is not None]
     if getattr(tokenizer, "chat_template", None):
         prompt_text = tokenizer.apply_chat_template(
             example.prompt, tokenize=False, add_generation_prompt=True
         )
         prompt_ids, _ = _tokenize(tokenizer, prompt_text, add_special_tokens=False)
-        chosen, rejected = (
-            _templated(tokenizer, example.prompt, prompt_text, prompt_ids, a) for a in answers
-        )
+        done = [_templated(tokenizer, example.prompt, prompt_text, prompt_ids, a) for a in answers]
     else:
         prompt_text = "\n\n".join(m["content"] for m in example.prompt)
         prompt_ids, _ = _tokenize(tokenizer, prompt_text, add_special_tokens=True)
-        chosen, rejected = (_plain(tokenizer, a) for a in answers)
+        done = [_plain(tokenizer, a) for a in answers]
     if not prompt_ids:
         raise DataError("the prompt encodes to no tokens", line=example.line, field="prompt")
-    return prompt_ids, chosen, rejected
+    return prompt_ids, done[0], done[1] if len(done) > 1 else None
 
 
 def _templated(

@@ -60,6 +60,7 @@ class RefTable:
 
     def for_batch(self, batch: PairBatch) -> tuple[np.ndarray, np.ndarray]:
         """(B, T) arrays laid out like the batch's masks (each row's values at its mask)."""
+        assert batch.rejected_mask is not None, "a reference is only needed for pairs"
         return (
             _layout(batch.chosen_mask, [self.chosen[int(i)] for i in batch.indices]),
             _layout(batch.rejected_mask, [self.rejected[int(i)] for i in batch.indices]),
@@ -86,6 +87,7 @@ def compute(
     rejected: dict[int, np.ndarray] = {}
     for batch in batches(pairs, batch_size, pad_id=pad_id):
         ref_c, ref_r = logps(batch)
+        assert batch.rejected_mask is not None, "a reference is only needed for pairs"
         for b, index in enumerate(batch.indices):
             chosen[int(index)] = ref_c[b, batch.chosen_mask[b] > 0].astype(np.float32)
             rejected[int(index)] = ref_r[b, batch.rejected_mask[b] > 0].astype(np.float32)

@@ -80,6 +80,14 @@ def load_dataset(path: str, tokenizer: Any, c: cfg.TrainConfig) -> Dataset:
         )
     except TabpoError as exc:
         raise TabpoError(f"{path}: {exc}") from None
+    kinds = {p.rejected_ids is None for p in pairs}
+    if len(kinds) > 1:
+        raise TabpoError(f"{path}: mixes preference pairs and prompt/completion records")
+    if True in kinds and get(c.loss).needs_pairs:
+        raise TabpoError(
+            f"{path} holds prompt/completion records, but loss '{c.loss}' needs chosen and "
+            f"rejected pairs (use --loss sft, or build pairs with tabpo pairs)"
+        )
     return Dataset(pairs, stats, path, {p.index: p.line for p in pairs})
 
 

@@ -132,3 +132,15 @@ def write_pairs(path: str | Path, n: int = 8, *, seed: int = 0) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_completions(path: str | Path, n: int = 8, *, seed: int = 0) -> Path:
+    """``n`` prompt/completion records (SFT data): the chosen answers of ``write_pairs``."""
+    import json
+
+    pairs = write_pairs(Path(path).with_suffix(".pairs.jsonl"), n, seed=seed)
+    rows = [json.loads(x) for x in pairs.read_text().splitlines()]
+    path = Path(path)
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]})
+                            + "\n" for r in rows))  # fmt: skip
+    return path

@@ -161,3 +161,30 @@ def test_invalid_utf8_names_the_line(tmp_path):
     path.write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(DataError, match="latin1.jsonl:2: not valid UTF-8"):
         read_preferences(path)
+
+
+def test_prompt_completion_records(tmp_path):
+    """TRL's prompt/completion form (SFT data): the completion is the chosen answer and there
+    is no rejected; conversational completions are one assistant message."""
+    import json
+
+    from tabpo.data import read_preferences
+    from tabpo.errors import DataError
+
+    path = tmp_path / "sft.jsonl"
+    rows = [
+        {"prompt": "p1", "completion": "a1", "system": "s"},
+        {"prompt": [{"role": "user", "content": "p2"}],
+         "completion": [{"role": "assistant", "content": "a2"}]},
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, stats = read_preferences(path)
+    assert [(e.chosen, e.rejected) for e in examples] == [("a1", None), ("a2", None)]
+    assert examples[0].prompt == [{"role": "system", "content": "s"},
+                                  {"role": "user", "content": "p1"}]  # fmt: skip
+    path.write_text(json.dumps({"completion": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"sft.jsonl:1: field 'prompt': missing"):
+        read_preferences(path)
+    path.write_text(json.dumps({"prompt": "p", "completion": "  "}) + "\n")
+    with pytest.raises(DataError, match="field 'completion': empty completion"):
+        read_preferences(path)

@@ -190,3 +190,29 @@ def test_five_step_trajectory(tmp_path):
     for key in ("loss", "grad_norm", "rewards/margins"):
         close([r[key] for r in records["torch"]], [r[key] for r in records["mlx"]],
               f"5-step {key}", rel=1e-4)  # fmt: skip
+
+
+def test_completion_only_batch(lora_pair, family_dir, tmp_path):
+    """SFT data: only the chosen side runs; log-probs, loss and gradients agree."""
+    from helpers import write_completions
+
+    tokenizer = load_tokenizer(family_dir)
+    examples = read_preferences(write_completions(tmp_path / "sft.jsonl", 3))[0]
+    pairs, _ = encode_pairs(tokenizer, examples)
+    batch = collate(pairs, pad_id(tokenizer))
+    assert batch.rejected_ids is None
+    t, m = lora_pair
+    (tc, tr), (mc, mr) = t.logps(batch), m.logps(batch)
+    assert tr is None and mr is None
+    close(tc, mc, "completion-only log-probs")
+    objective = losses.get("sft").bind()
+    try:
+        ft = t.forward_backward(batch, objective, None, 1.0)
+        fm = m.forward_backward(batch, objective, None, 1.0)
+        close(ft.loss, fm.loss, "sft loss", floor=1.0)
+        close(ft.loss, -np.mean((tc * batch.chosen_mask).sum(-1) / batch.chosen_mask.sum(-1)),
+              "sft loss = per-example token-mean NLL", floor=1.0)  # fmt: skip
+        assert ft.tokens == int(batch.chosen_attention_mask.sum())
+        close_tree(t.gradients(), m.gradients(), "sft gradients")
+    finally:
+        t.optimizer_step(0.0, None), m.optimizer_step(0.0, None)

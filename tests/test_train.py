@@ -213,3 +213,21 @@ def test_full_finetuning_writes_a_loadable_model(backend, model_dir, data, tmp_p
     np.testing.assert_array_equal(loaded, trained)
     # no second model was kept: the reference came from the cache
     assert getattr(run.backend, "reference", getattr(run.backend, "_reference_model", None)) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sft_on_prompt_completion_data(backend, model_dir, tmp_path):
+    """The SFT stage: full fine-tuning on prompt/completion records, only the completion side
+    runs; the NLL of the training completions falls over 8 steps at lr 3e-3."""
+    from helpers import write_completions
+
+    data = write_completions(tmp_path / "sft.jsonl", 4)
+    c = cfg.build({}, {"model": str(model_dir), "data": str(data), "backend": backend,
+                       "output": str(tmp_path / "out"), "loss": "sft", "finetune": "full",
+                       "max_steps": 8, "learning_rate": 3e-3, "batch_size": 4,
+                       "gradient_accumulation_steps": 1, "warmup_ratio": 0.0})  # fmt: skip
+    train(c, get_backend(backend))
+    losses = losses_of(tmp_path / "out")
+    assert losses[-1] < 0.8 * losses[0], losses
+    with pytest.raises(TabpoError, match="needs chosen and rejected pairs"):
+        train(cfg.build({}, {**c.to_dict(), "loss": "dpo", "force": True}), get_backend(backend))

@@ -50,7 +50,7 @@ def orpo(p: PairInputs, *, lam: float = 0.1) -> tuple[Array, Metrics]:
     return -a_c - lam * ratio, metrics
 
 
-@register("sft", reference_free=True)
+@register("sft", reference_free=True, needs_pairs=False)
 def sft(p: PairInputs) -> tuple[Array, Metrics]:
     """SFT: token-mean NLL of the chosen completion, L = -(1/|y+|) sum_t m_t l_t(y+).
 

@@ -39,6 +39,7 @@ class LossSpec:
     reference_free: bool = False
     needs_kl: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
+    needs_pairs: bool = True  # False: trains on prompt/completion data (rejected unused)
 
     @property
     def summary(self) -> str:
@@ -150,14 +151,14 @@ _REGISTRY: dict[str, LossSpec] = {}
 
 
 def register(
-    name: str, *, reference_free: bool = False, needs_kl: bool = False
+    name: str, *, reference_free: bool = False, needs_kl: bool = False, needs_pairs: bool = True
 ) -> Callable[[LossFn], LossFn]:
     """Decorator: add ``fn`` to the registry under ``name``; defaults come from its signature."""
 
     def wrap(fn: LossFn) -> LossFn:
         params = list(inspect.signature(fn).parameters.values())[1:]
         defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
-        _REGISTRY[name] = LossSpec(name, fn, reference_free, needs_kl, defaults)
+        _REGISTRY[name] = LossSpec(name, fn, reference_free, needs_kl, defaults, needs_pairs)
         return fn
 
     return wrap
