@@ -145,6 +145,12 @@ class Backend(Protocol):
 
     def peak_memory_gb(self) -> float: ...
 
+    def generate(
+        self, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int]
+    ) -> list[list[int]]:
+        """Greedy continuations (KV cache, one batch) of token-id prompts, each cut before
+        its first stop token; the policy as trained (adapter on), evaluation mode."""
+
 
 def check_state(
     expected: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], *, where: str

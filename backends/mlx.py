@@ -284,5 +284,13 @@ class MlxBackend:
     def seed(self, seed: int) -> None:
         mx.random.seed(seed)
 
+    def generate(
+        self, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int]
+    ) -> list[list[int]]:
+        from tabpo.backends._mlx_generate import greedy
+
+        self._policy.eval()
+        return greedy(self._policy, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+
     def peak_memory_gb(self) -> float:
         return mx.get_peak_memory() / 1e9

@@ -259,6 +259,15 @@ class TorchBackend:
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)  # seeds every CUDA device too
 
+    def generate(
+        self, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int]
+    ) -> list[list[int]]:
+        from tabpo.backends._torch_generate import greedy
+
+        self.model.eval()  # left padding is masked, so any id pads
+        return greedy(self.model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                      pad_id=stop_ids[0], device=self.device)  # fmt: skip
+
     def peak_memory_gb(self) -> float:
         """Peak CUDA allocation on a GPU, else the process's peak resident set size."""
         if self.device.type == "cuda":
