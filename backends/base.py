@@ -123,6 +123,9 @@ class Backend(Protocol):
         """Apply AdamW to the accumulated gradients (clipped to ``max_grad_norm`` when
         given), zero them, and return the gradient norm before clipping."""
 
+    def zero_grad(self) -> None:
+        """Drop the accumulated gradients without a step."""
+
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients under canonical names, float32."""
 

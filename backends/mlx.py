@@ -243,6 +243,9 @@ class MlxBackend:
 
     # -- state ---------------------------------------------------------------------------
 
+    def zero_grad(self) -> None:
+        self._grads = None
+
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients (zeros when none are pending)."""
         grads = self._grads

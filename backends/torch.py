@@ -209,6 +209,10 @@ class TorchBackend:
 
     # -- parameters ------------------------------------------------------------------------
 
+    def zero_grad(self) -> None:
+        for p in self._params().values():
+            p.grad = None
+
     def gradients(self) -> dict[str, np.ndarray]:
         """Accumulated gradients; a parameter no backward reached has a zero gradient."""
         return {

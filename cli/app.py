@@ -8,6 +8,7 @@ import typer
 
 from tabpo import __version__
 from tabpo.cli import inspect as inspect_cmd
+from tabpo.cli import parity as parity_cmd
 from tabpo.cli import train as train_cmd
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.command("inspect")(inspect_cmd.inspect)
+app.command("parity")(parity_cmd.parity)
 app.command("train")(train_cmd.train)
 
 
