@@ -10,7 +10,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from tabpo.cli.common import console, handles_errors
+from tabpo.cli.common import console, handles_errors, quiet_libraries
 from tabpo.errors import TabpoError
 
 
@@ -43,6 +43,7 @@ def parity(
     from tabpo.encoding import encode_pairs, load_tokenizer, pad_id
     from tabpo.parity import TOLERANCES, compare_backends
 
+    quiet_libraries()
     names = loss or losses.names()
     for name in names:
         losses.get(name)

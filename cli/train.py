@@ -7,7 +7,6 @@ its name, type, default and help (shown in groups), the same as the YAML key.
 from __future__ import annotations
 
 import inspect
-import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +15,7 @@ import typer
 
 from tabpo import config as cfg
 from tabpo.checkpoint import CONFIG_FILE, resolve_checkpoint
-from tabpo.cli.common import console, handles_errors
+from tabpo.cli.common import console, handles_errors, quiet_libraries
 
 GROUPS = ("Model", "Data", "Loss", "LoRA", "Optimizer", "Output")
 
@@ -65,7 +64,7 @@ def _run(values: dict[str, Any]) -> None:
     if config_file is not None:
         file_values.update(cfg.read_yaml(config_file))
     c = cfg.build(file_values, values)
-    _quiet_libraries()
+    quiet_libraries()
     backend = get_backend(c.backend)
     console.print(f"tabpo train: {c.loss} on {c.model} with the {backend.name} backend "
                   f"({c.finetune}, {c.dtype}) -> {c.output}")  # fmt: skip
@@ -74,15 +73,6 @@ def _run(values: dict[str, Any]) -> None:
     done = run.state.step >= run.state.total_steps
     console.print(f"[green]done[/]: {run.state.step} steps, weights in {c.output}" if done
                   else f"[yellow]stopped[/] at step {run.state.step}")  # fmt: skip
-
-
-def _quiet_libraries() -> None:
-    """Our progress bars, not the libraries' own loading bars and deprecation notes."""
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 _params = [

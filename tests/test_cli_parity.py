@@ -26,7 +26,7 @@ def test_json_document(setup):
     model, data = setup
     result = run("--model", model, "--data", data, "--loss", "tabpo", "--loss", "ipo", "--json")
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     assert doc["pass"] is True and doc["dtype"] == "float32"
     for backend in ("torch", "mlx"):
         assert set(doc["backends"][backend]) == {"tabpo", "ipo"}
