@@ -1,0 +1,56 @@
+"""The embedded clinical benchmark: the paper's annotation schema and a synthetic data set.
+
+The real data (1,137 annotated secure messages) is private; `generate_splits` builds
+seeded synthetic patient <-> provider messages in the same schema (METHOD.md section 6).
+"""
+
+from tabpo.clinical.generator import (
+    DEFAULT_SIZES,
+    SPLIT_FILES,
+    SPLITS,
+    generate_message,
+    generate_split,
+    generate_splits,
+    make_record,
+    phrasing_group,
+    write_jsonl,
+    write_splits,
+)
+from tabpo.clinical.prompt import build_prompt, code_book
+from tabpo.clinical.schema import (
+    DIRECTIONS,
+    PATIENT_TO_PROVIDER,
+    PROVIDER_TO_PATIENT,
+    SCHEMA,
+    Item,
+    canonical_json,
+    codes_for,
+    is_valid,
+    labels_for,
+    read_completion,
+)
+
+__all__ = [
+    "DEFAULT_SIZES",
+    "DIRECTIONS",
+    "PATIENT_TO_PROVIDER",
+    "PROVIDER_TO_PATIENT",
+    "SCHEMA",
+    "SPLITS",
+    "SPLIT_FILES",
+    "Item",
+    "build_prompt",
+    "canonical_json",
+    "code_book",
+    "codes_for",
+    "generate_message",
+    "generate_split",
+    "generate_splits",
+    "is_valid",
+    "labels_for",
+    "make_record",
+    "phrasing_group",
+    "read_completion",
+    "write_jsonl",
+    "write_splits",
+]

@@ -1,0 +1,177 @@
+"""Seeded synthetic secure messages in the paper's annotation schema, split four ways.
+
+A message is an optional opening line (an annotated salutation or a bare one), a body of
+1-4 sentences (annotated phrasings and unannotated fillers, shuffled) and an optional
+closing line (an annotated sign-off or a bare one). It carries 0-3 items with distinct
+(code, sub-code) labels allowed by its direction; P(0, 1, 2, 3 items) = ITEM_COUNT_PROBS.
+
+The phrasings of every (direction, code, sub-code) are split by their index i in the
+template tuple: i % 4 in {0, 1} -> "sft", 2 -> "pref", 3 -> "test" (50 / 25 / 25 %). The
+splits draw from groups: sft <- "sft", pref <- "pref", dev <- "pref" (the dev split
+measures how the SFT model generalises to phrasings it has not seen, without touching the
+test phrasings), test <- "test". Slot fillers (names, drugs, tests, logistics) and filler
+sentences are shared. Each split has its own random stream, seeded by the string
+``f"{seed}:{split}"``, so resizing one split leaves the others unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tabpo.clinical.fillers import CLOSINGS, FILLERS, OPENINGS, SLOTS
+from tabpo.clinical.phrasings_patient import PATIENT
+from tabpo.clinical.phrasings_provider import PROVIDER
+from tabpo.clinical.prompt import build_prompt
+from tabpo.clinical.schema import (
+    DIRECTIONS,
+    PATIENT_TO_PROVIDER,
+    PROVIDER_TO_PATIENT,
+    Item,
+    canonical_json,
+    item,
+)
+
+Label = tuple[str, str]
+
+SPLITS = ("sft", "pref", "dev", "test")
+DEFAULT_SIZES: dict[str, int] = {"sft": 8000, "pref": 2000, "dev": 300, "test": 300}
+SPLIT_GROUP: dict[str, str] = {"sft": "sft", "pref": "pref", "dev": "pref", "test": "test"}
+SPLIT_FILES: dict[str, str] = {
+    "sft": "train.jsonl",
+    "pref": "pref.jsonl",
+    "dev": "dev.jsonl",
+    "test": "test.jsonl",
+}
+ITEM_COUNT_PROBS = (0.10, 0.30, 0.35, 0.25)
+MAX_SENTENCES = 4
+PHRASINGS: dict[str, dict[Label, tuple[str, ...]]] = {
+    PATIENT_TO_PROVIDER: PATIENT,
+    PROVIDER_TO_PATIENT: PROVIDER,
+}
+
+
+def phrasing_group(index: int) -> str:
+    """The group of the index-th template of a label: 0, 1 -> sft; 2 -> pref; 3 -> test (mod 4)."""
+    return ("sft", "sft", "pref", "test")[index % 4]
+
+
+def phrasings(direction: str, group: str) -> dict[Label, tuple[str, ...]]:
+    """The templates of each label of a direction that belong to one group."""
+    return {
+        label: tuple(t for i, t in enumerate(templates) if phrasing_group(i) == group)
+        for label, templates in PHRASINGS[direction].items()
+    }
+
+
+def render(template: str, slots: Mapping[str, str]) -> tuple[str, tuple[int, int] | None]:
+    """The filled sentence and the character range of its ``[span]`` (None without one)."""
+    if "[" not in template:
+        return template.format_map(slots), None
+    head, _, rest = template.partition("[")
+    span, _, tail = rest.partition("]")
+    head, span, tail = (part.format_map(slots) for part in (head, span, tail))
+    return head + span + tail, (len(head), len(head) + len(span))
+
+
+def generate_message(
+    rng: random.Random, direction: str, group: str = "sft"
+) -> tuple[str, list[Item]]:
+    """One message of the direction and its items, in order of appearance."""
+    table = phrasings(direction, group)
+    slots = {name: rng.choice(values) for name, values in SLOTS.items()}
+    count = rng.choices(range(len(ITEM_COUNT_PROBS)), weights=ITEM_COUNT_PROBS)[0]
+    labels = rng.sample(sorted(table), count)
+
+    def annotated(label: Label) -> tuple[str, Label | None, tuple[int, int] | None]:
+        text, where = render(rng.choice(table[label]), slots)
+        return text, label, where
+
+    def bare(options: tuple[str, ...]) -> tuple[str, Label | None, tuple[int, int] | None]:
+        return render(rng.choice(options), slots)[0], None, None
+
+    edges = {label[1]: label for label in labels if label[1] in ("salutation", "signoff")}
+    body = [annotated(label) for label in labels if label[1] not in edges]
+    fewest = 0 if body else 1
+    n_fillers = rng.randint(fewest, min(MAX_SENTENCES - len(body), fewest + 1))
+    for filler in rng.sample(FILLERS[direction], n_fillers):
+        body.insert(rng.randint(0, len(body)), bare((filler,)))
+    opening = annotated(edges["salutation"]) if "salutation" in edges else bare(OPENINGS[direction])
+    closing = annotated(edges["signoff"]) if "signoff" in edges else bare(CLOSINGS[direction])
+    return _assemble([[opening], body, [closing]])
+
+
+def _assemble(
+    lines: list[list[tuple[str, Label | None, tuple[int, int] | None]]],
+) -> tuple[str, list[Item]]:
+    """Sentences joined by spaces, non-empty lines by newlines; items sorted by position."""
+    text, found = "", []
+    for sentences in lines:
+        sentences = [s for s in sentences if s[0]]
+        if not sentences:
+            continue
+        if text:
+            text += "\n"
+        for k, (sentence, label, where) in enumerate(sentences):
+            if k:
+                text += " "
+            if label is not None and where is not None:
+                found.append((len(text) + where[0], len(text) + where[1], label))
+            text += sentence
+    found.sort()
+    return text, [item(code, sub, text[start:end]) for start, end, (code, sub) in found]
+
+
+def make_record(message: str, items: Iterable[Item], direction: str) -> dict[str, str]:
+    """The prompt/completion record of one annotated message."""
+    return {
+        "prompt": build_prompt(message, direction),
+        "completion": canonical_json(items),
+        "message": message,
+        "direction": direction,
+    }
+
+
+def generate_split(name: str, size: int, seed: int = 0) -> list[dict[str, str]]:
+    """`size` records of one split; directions alternate at random, 50 / 50."""
+    if name not in SPLIT_GROUP:
+        raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+    rng = random.Random(f"{seed}:{name}")
+    records = []
+    for _ in range(size):
+        direction = rng.choice(DIRECTIONS)
+        message, items = generate_message(rng, direction, SPLIT_GROUP[name])
+        records.append(make_record(message, items, direction))
+    return records
+
+
+def generate_splits(
+    seed: int = 0, sizes: Mapping[str, int] | None = None
+) -> dict[str, list[dict[str, str]]]:
+    """All four splits (sft, pref, dev, test); `sizes` overrides DEFAULT_SIZES per split."""
+    wanted = {**DEFAULT_SIZES, **(sizes or {})}
+    unknown = set(wanted) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown splits {sorted(unknown)}; expected some of {SPLITS}")
+    return {name: generate_split(name, wanted[name], seed) for name in SPLITS}
+
+
+def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """One compact JSON object per line, UTF-8, "\\n" line ends; same records, same bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_splits(
+    directory: str | Path, seed: int = 0, sizes: Mapping[str, int] | None = None
+) -> dict[str, Path]:
+    """train.jsonl (sft), pref.jsonl, dev.jsonl and test.jsonl in `directory`, by split."""
+    splits = generate_splits(seed, sizes)
+    return {name: write_jsonl(splits[name], Path(directory) / SPLIT_FILES[name]) for name in SPLITS}

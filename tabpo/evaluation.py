@@ -1,0 +1,262 @@
+"""The paper's evaluation of JSON annotations (METHOD.md section 5), plus stricter metrics.
+
+Every metric is micro-averaged over the whole test set, from summed counts:
+
+    P = TP / (TP + FP),  R = TP / (TP + FN),  F1 = 2 TP / (2 TP + FP + FN)   (0 when 0 / 0)
+
+- code: per example, the set of predicted codes against the set of gold codes; codes
+  outside the schema are ignored on both sides.
+- subcode: the same over sub-code strings, independent of the code; "None" and strings
+  that are no sub-code of the schema are ignored.
+- span (relaxed, the paper's): per example, greedy one-to-one matching of predicted to gold
+  spans; a pair matches when one lower-cased whitespace-token set contains the other or
+  their token Jaccard is >= 0.6. Predictions are taken in their order, each matched to the
+  first still-unmatched gold span (gold order) it matches. Empty spans match nothing.
+- triplet (strict): (code, sub-code, span) multisets, the span compared exactly after
+  whitespace normalisation (case kept); every item counts, in the schema or not.
+- json_valid: fraction of raw predictions that `json.loads` accepts as they are.
+- span_verbatim: fraction of predicted spans that are substrings of their message.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from tabpo.clinical.schema import NONE, SCHEMA, Item, item
+
+JACCARD_MIN = 0.6
+Annotation = str | Sequence[Mapping[str, Any]]
+
+_OBJECT = re.compile(
+    r'\{\s*"Code"\s*:\s*"(?P<code>(?:[^"\\]|\\.)*)"\s*,\s*"Sub-?code"\s*:\s*'
+    r'"(?P<sub>(?:[^"\\]|\\.)*)"\s*,\s*"Span"\s*:\s*"(?P<span>.*?)"\s*\}',
+    re.DOTALL,
+)
+
+
+class Parsed(NamedTuple):
+    """The items of one prediction and whether its raw text was valid JSON."""
+
+    items: list[Item]
+    valid_json: bool
+
+
+def parse_prediction(text: str) -> Parsed:
+    """Items of a model answer, recovering what it can (METHOD.md section 5).
+
+    1. ``json.loads(text)``; valid JSON gives its items, whatever its shape.
+    2. Otherwise unescape HTML entities and try ``json.loads`` again, then also with every
+       single quote replaced by a double quote.
+    3. Otherwise regex-extract every ``{"Code": .., "Sub-code": .., "Span": ..}`` object
+       from the quote-replaced text; a Span value runs to the first quote followed by
+       ``}``, and the values are read from the text before the replacement, so an
+       apostrophe inside a span survives.
+    4. Nothing found: no items.
+
+    Items are ``{"results": [...]}`` entries, a bare list of entries or a single entry;
+    "Subcode" is read as "Sub-code"; a missing field reads as "".
+    """
+    try:
+        return Parsed(_items(json.loads(text)), True)
+    except ValueError:
+        pass
+    unescaped = html.unescape(text)
+    quoted = unescaped.replace("'", '"')
+    for candidate in (unescaped, quoted):
+        try:
+            return Parsed(_items(json.loads(candidate)), False)
+        except ValueError:
+            pass
+    # the replacement keeps every offset, so values are read back from the unreplaced text
+    found = [
+        item(*(_unquote(unescaped[m.start(g) : m.end(g)]) for g in ("code", "sub", "span")))
+        for m in _OBJECT.finditer(quoted)
+    ]
+    return Parsed(found, False)
+
+
+def _items(tree: Any) -> list[Item]:
+    if isinstance(tree, dict) and "results" in tree:
+        tree = tree["results"]
+    if isinstance(tree, dict):
+        tree = [tree]
+    if not isinstance(tree, list):
+        return []
+    return [
+        item(_text(e.get("Code")), _text(e.get("Sub-code", e.get("Subcode"))), _text(e.get("Span")))
+        for e in tree
+        if isinstance(e, Mapping)
+    ]
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _unquote(raw: str) -> str:
+    """A JSON string body with its escapes resolved (as it is when they do not parse)."""
+    try:
+        return str(json.loads(f'"{raw}"'))
+    except ValueError:
+        return raw.replace('\\"', '"')
+
+
+def tokens(span: str) -> set[str]:
+    """The lower-cased whitespace-token set the span metric compares."""
+    return set(span.lower().split())
+
+
+def spans_match(predicted: str, gold: str) -> bool:
+    """Relaxed match: one token set contains the other, or token Jaccard >= 0.6; "" never."""
+    a, b = tokens(predicted), tokens(gold)
+    if not a or not b:
+        return False
+    return a <= b or b <= a or len(a & b) / len(a | b) >= JACCARD_MIN
+
+
+def match_spans(predicted: Sequence[str], gold: Sequence[str]) -> list[tuple[int, int]]:
+    """Greedy one-to-one (prediction index, gold index) matches, in prediction order."""
+    used: set[int] = set()
+    pairs = []
+    for i, p in enumerate(predicted):
+        for j, g in enumerate(gold):
+            if j not in used and spans_match(p, g):
+                used.add(j)
+                pairs.append((i, j))
+                break
+    return pairs
+
+
+def snap_span(span: str, message: str) -> str:
+    """The substring of the message that best matches a predicted span.
+
+    A verbatim span stays; a case-insensitive occurrence is taken with the message's case.
+    Otherwise every window of consecutive whitespace words of the message, 1 to 2n + 2 words
+    long for an n-token span, is scored by the metric's token Jaccard with the span; the
+    best wins (ties: the shorter, then the earlier). No overlap at all leaves the span.
+    """
+    if not span or span in message:
+        return span
+    at = message.lower().find(span.lower())
+    if at >= 0 and len(message.lower()) == len(message):
+        return message[at : at + len(span)]
+    target = tokens(span)
+    words = [(m.start(), m.end(), m.group().lower()) for m in re.finditer(r"\S+", message)]
+    best, best_key = None, (0.0, 0, 0)
+    for i in range(len(words)):
+        window: set[str] = set()
+        for j in range(i, min(len(words), i + 2 * len(target) + 2)):
+            window.add(words[j][2])
+            jaccard = len(window & target) / len(window | target)
+            key = (jaccard, i - j, -i)
+            if jaccard > 0 and key > best_key:
+                best, best_key = (words[i][0], words[j][1]), key
+    if best is None:
+        return span
+    return message[best[0] : best[1]]
+
+
+def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    """Micro precision, recall and F1 from counts; 0.0 for any 0 / 0."""
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return p, r, f1
+
+
+def score(
+    golds: Sequence[Annotation],
+    predictions: Sequence[Annotation],
+    *,
+    snap: bool = False,
+    messages: Sequence[str] | None = None,
+    schema: Mapping[str, Sequence[str]] = SCHEMA,
+) -> dict[str, float]:
+    """All metrics of a test set: ``{code,subcode,span,triplet}/{p,r,f1}``, ``json_valid``.
+
+    Golds and predictions are raw texts (parsed with `parse_prediction`) or item lists
+    (counted as valid JSON). With `messages`, also ``span_verbatim``. With ``snap=True``
+    (needs `messages`), also ``snap_span/*`` and ``snap_triplet/*``: the same metrics after
+    each predicted span is replaced by `snap_span` of it; the paper reports no snapping.
+    """
+    if len(golds) != len(predictions):
+        raise ValueError(f"{len(golds)} golds but {len(predictions)} predictions")
+    if messages is not None and len(messages) != len(golds):
+        raise ValueError(f"{len(golds)} golds but {len(messages)} messages")
+    if snap and messages is None:
+        raise ValueError("snap=True needs the messages")
+    gold_items = [read_annotation(g)[0] for g in golds]
+    parsed = [read_annotation(p) for p in predictions]
+    pred_items = [items for items, _ in parsed]
+    codes = set(schema)
+    subcodes = {s for subs in schema.values() for s in subs} - {NONE}
+    out: dict[str, float] = {}
+    _put(out, "code", _set_counts(gold_items, pred_items, "Code", codes))
+    _put(out, "subcode", _set_counts(gold_items, pred_items, "Sub-code", subcodes))
+    _put(out, "span", _span_counts(gold_items, pred_items))
+    _put(out, "triplet", _triplet_counts(gold_items, pred_items))
+    out["json_valid"] = sum(valid for _, valid in parsed) / len(parsed) if parsed else 0.0
+    if messages is not None:
+        pairs = zip(pred_items, messages, strict=True)
+        spans = [(i["Span"], m) for items, m in pairs for i in items]
+        out["span_verbatim"] = sum(s in m for s, m in spans) / len(spans) if spans else 0.0
+    if snap and messages is not None:
+        snapped = [
+            [{**i, "Span": snap_span(i["Span"], m)} for i in items]
+            for items, m in zip(pred_items, messages, strict=True)
+        ]
+        _put(out, "snap_span", _span_counts(gold_items, snapped))
+        _put(out, "snap_triplet", _triplet_counts(gold_items, snapped))
+    return out
+
+
+def read_annotation(annotation: Annotation) -> Parsed:
+    """Items of a raw text (via `parse_prediction`) or of an item list (valid JSON)."""
+    if isinstance(annotation, str):
+        return parse_prediction(annotation)
+    return Parsed(_items(list(annotation)), True)
+
+
+def _put(out: dict[str, float], name: str, counts: tuple[int, int, int]) -> None:
+    out[f"{name}/p"], out[f"{name}/r"], out[f"{name}/f1"] = prf(*counts)
+
+
+def _set_counts(
+    golds: Sequence[list[Item]], preds: Sequence[list[Item]], key: str, allowed: set[str]
+) -> tuple[int, int, int]:
+    tp = fp = fn = 0
+    for gold, pred in zip(golds, preds, strict=True):
+        g = {i[key] for i in gold} & allowed
+        p = {i[key] for i in pred} & allowed
+        tp, fp, fn = tp + len(g & p), fp + len(p - g), fn + len(g - p)
+    return tp, fp, fn
+
+
+def _span_counts(golds: Sequence[list[Item]], preds: Sequence[list[Item]]) -> tuple[int, int, int]:
+    tp = fp = fn = 0
+    for gold, pred in zip(golds, preds, strict=True):
+        matched = len(match_spans([i["Span"] for i in pred], [i["Span"] for i in gold]))
+        tp, fp, fn = tp + matched, fp + len(pred) - matched, fn + len(gold) - matched
+    return tp, fp, fn
+
+
+def _triplet_counts(
+    golds: Sequence[list[Item]], preds: Sequence[list[Item]]
+) -> tuple[int, int, int]:
+    tp = fp = fn = 0
+    for gold, pred in zip(golds, preds, strict=True):
+        g, p = Counter(map(_triplet, gold)), Counter(map(_triplet, pred))
+        hits = sum((g & p).values())
+        tp, fp, fn = tp + hits, fp + sum(p.values()) - hits, fn + sum(g.values()) - hits
+    return tp, fp, fn
+
+
+def _triplet(i: Item) -> tuple[str, str, str]:
+    return i["Code"], i["Sub-code"], " ".join(i["Span"].split())
