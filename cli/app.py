@@ -7,7 +7,12 @@ from typing import Annotated
 import typer
 
 from tabpo import __version__
+from tabpo.cli import annotate as annotate_cmd
+from tabpo.cli import build_model as build_model_cmd
+from tabpo.cli import convert as convert_cmd
+from tabpo.cli import demo as demo_cmd
 from tabpo.cli import inspect as inspect_cmd
+from tabpo.cli import merge as merge_cmd
 from tabpo.cli import parity as parity_cmd
 from tabpo.cli import train as train_cmd
 
@@ -19,7 +24,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+app.command("convert")(convert_cmd.convert)
+app.command("build-model")(build_model_cmd.build_model)
+app.command("data")(annotate_cmd.data)
+app.command("demo")(demo_cmd.demo)
+app.command("eval")(annotate_cmd.eval)
+app.command("pairs")(annotate_cmd.pairs)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("merge")(merge_cmd.merge)
 app.command("parity")(parity_cmd.parity)
 app.command("train")(train_cmd.train)
 

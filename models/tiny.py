@@ -78,3 +78,32 @@ def init_model(directory: str | Path, texts: Iterable[str], *, seed: int = 0,
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(directory))
     return directory
+
+
+# The documented recipe of the shipped checkpoint (``tabpo build-model``): data seed 0,
+# init seed 0, 600 SFT steps of 32 examples (~2.4 epochs of 8,000), lr 3e-3, 40 warmup
+# steps, cosine decay, clipping at 1.0 (the feasibility run: 600-1,200 steps, batch 32).
+SFT_RECIPE = {
+    "loss": "sft",
+    "finetune": "full",
+    "backend": "torch",
+    "max_steps": 600,
+    "batch_size": 32,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 3e-3,
+    "warmup_steps": 40,
+    "lr_scheduler": "cosine",
+    "max_grad_norm": 1.0,
+    "seed": 0,
+    "save_steps": 200,
+    "max_length": 512,
+}
+SHIPPED = Path(__file__).parent / "tiny"
+
+
+def corpus(path: str | Path) -> list[str]:
+    """The texts the tokenizer is trained on: every prompt and completion of a split."""
+    import json
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r["prompt"] for r in rows] + [r["completion"] for r in rows]

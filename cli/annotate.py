@@ -1,0 +1,140 @@
+"""``tabpo data``, ``tabpo eval`` and ``tabpo pairs``: the annotation benchmark's commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from tabpo.cli.common import console, handles_errors, quiet_libraries
+from tabpo.errors import TabpoError
+
+Backend = Annotated[str, typer.Option(help="mlx, torch or auto.")]
+MaxNew = Annotated[int, typer.Option(help="Longest answer, in tokens.")]
+
+
+@handles_errors
+def data(
+    out: Annotated[Path, typer.Option(help="Directory for train/pref/dev/test.jsonl.")],
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+) -> None:
+    """Write the synthetic clinical-message benchmark (prompt/completion JSONL splits)."""
+    from tabpo.clinical import write_splits
+
+    if out.exists() and any(out.glob("*.jsonl")) and not force:
+        raise TabpoError(f"{out} already holds JSONL files (use --force)")
+    for split, path in write_splits(out, seed=seed).items():
+        console.print(f"{split}: {path} ({sum(1 for _ in open(path))} records)")
+
+
+def load_model(backend: str, model: Path, adapter: Path | None, dtype: str) -> tuple[Any, Any]:
+    """A backend holding the model (and adapter) for inference, and its tokenizer."""
+    from tabpo.backends import get_backend
+    from tabpo.backends.base import LoraSettings, ModelOptions
+    from tabpo.encoding import load_tokenizer
+
+    quiet_libraries()
+    impl = get_backend(backend)
+    if adapter is None:
+        impl.load(ModelOptions(path=str(model), dtype=dtype, finetune="full",
+                               keep_reference=False))  # fmt: skip
+    else:
+        from tabpo.models.adapters import read_adapter, read_canonical
+
+        info = read_adapter(adapter)
+        lora = LoraSettings(rank=info.rank, alpha=info.scale * info.rank, dropout=0.0,
+                            target_modules=tuple(info.target_modules))  # fmt: skip
+        impl.load(ModelOptions(path=str(model), dtype=dtype, finetune="lora", lora=lora,
+                               keep_reference=False))  # fmt: skip
+        impl.load_trainable_state(read_canonical(adapter))
+    return impl, load_tokenizer(model)
+
+
+@handles_errors
+def eval(  # noqa: A001 (the command's name)
+    model: Annotated[Path, typer.Option(help="Model directory.")],
+    data: Annotated[Path, typer.Option(help="Prompt/completion JSONL (e.g. test.jsonl).")],
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter (PEFT or mlx-lm).")] = None,
+    backend: Backend = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    max_new_tokens: MaxNew = 256,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 32,
+    snap: Annotated[bool, typer.Option(help="Also report spans snapped to the message.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write metrics + predictions JSON.")] = None,
+) -> None:
+    """Greedy-decode every prompt and score it: Code / Sub-code micro-F1, relaxed Span F1
+    (the paper's), strict triplet F1, JSON validity (METHOD.md §5)."""
+    from tabpo.annotate import evaluate, predict, read_records
+
+    records = read_records(data)
+    impl, tokenizer = load_model(backend, model, adapter, dtype)
+    predictions = predict(impl, tokenizer, records, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size)  # fmt: skip
+    scores = evaluate(records, predictions, snap=snap)
+    console.print(metrics_table({str(model.name if adapter is None else adapter.name): scores}))
+    if out is not None:
+        from tabpo.annotate import write_jsonl
+
+        doc = {"model": str(model), "adapter": str(adapter) if adapter else None,
+               "data": str(data), "metrics": scores}  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        write_jsonl([{"prediction": p, "gold": r["completion"]} for p, r in
+                     zip(predictions, records, strict=True)],
+                    out.with_suffix(".predictions.jsonl"))  # fmt: skip
+
+
+@handles_errors
+def pairs(
+    data: Annotated[Path, typer.Option(help="Prompt/completion JSONL (the preference split).")],
+    out: Annotated[Path, typer.Option(help="Where to write the pairs JSONL.")],
+    model: Annotated[
+        Path | None, typer.Option(help="SFT model whose confusions drive the edits.")
+    ] = None,
+    strategy: Annotated[
+        str, typer.Option(help="confusion (the paper's), model (its own wrong answers), rule.")
+    ] = "confusion",
+    backend: Backend = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the edits.")] = 0,
+    max_new_tokens: MaxNew = 256,
+    force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
+) -> None:
+    """Build preference pairs by METHOD.md §4: minimal schema-valid edits of the gold answer
+    drawn from the model's confusions (or the model's own wrong answers, or uniform rules)."""
+    from tabpo.annotate import make_pairs, predict, read_records, write_jsonl
+
+    if strategy not in ("confusion", "model", "rule"):
+        raise TabpoError("--strategy must be confusion, model or rule")
+    if strategy != "rule" and model is None:
+        raise TabpoError(f"--strategy {strategy} needs --model (or use --strategy rule)")
+    if out.exists() and not force:
+        raise TabpoError(f"{out} exists (use --force)")
+    records = read_records(data)
+    predictions = None
+    if model is not None and strategy != "rule":
+        impl, tokenizer = load_model(backend, model, None, "float32")
+        predictions = predict(impl, tokenizer, records, max_new_tokens=max_new_tokens)
+    rows, stats = make_pairs(records, predictions, strategy=strategy, seed=seed)
+    write_jsonl(rows, out)
+    console.print(f"{len(rows)} pairs -> {out}; " + ", ".join(f"{k} {v}" for k, v in
+                                                               stats.items()))  # fmt: skip
+
+
+SHOWN = [("code/f1", "Code F1"), ("subcode/f1", "Sub-code F1"), ("span/f1", "Span F1"),
+         ("triplet/f1", "strict F1"), ("json_valid", "JSON valid"),
+         ("span_verbatim", "verbatim spans"), ("snap_span/f1", "Span F1 (snapped)")]  # fmt: skip
+
+
+def metrics_table(rows: dict[str, dict[str, float]]) -> Table:
+    table = Table()
+    table.add_column("model")
+    keys = [(k, label) for k, label in SHOWN if any(k in r for r in rows.values())]
+    for _, label in keys:
+        table.add_column(label, justify="right")
+    for name, scores in rows.items():
+        table.add_row(name, *(f"{scores[k]:.3f}" if k in scores else "-" for k, _ in keys))
+    return table
