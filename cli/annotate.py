@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from tabpo.cli.common import console, handles_errors, quiet_libraries
+from tabpo.cli.common import console, handles_errors, load_adapter, quiet_libraries
 from tabpo.errors import TabpoError
 
 Backend = Annotated[str, typer.Option(help="mlx, torch or auto.")]
@@ -34,7 +34,7 @@ def data(
 def load_model(backend: str, model: Path, adapter: Path | None, dtype: str) -> tuple[Any, Any]:
     """A backend holding the model (and adapter) for inference, and its tokenizer."""
     from tabpo.backends import get_backend
-    from tabpo.backends.base import LoraSettings, ModelOptions
+    from tabpo.backends.base import ModelOptions
     from tabpo.encoding import load_tokenizer
 
     quiet_libraries()
@@ -43,14 +43,7 @@ def load_model(backend: str, model: Path, adapter: Path | None, dtype: str) -> t
         impl.load(ModelOptions(path=str(model), dtype=dtype, finetune="full",
                                keep_reference=False))  # fmt: skip
     else:
-        from tabpo.models.adapters import read_adapter, read_canonical
-
-        info = read_adapter(adapter)
-        lora = LoraSettings(rank=info.rank, alpha=info.scale * info.rank, dropout=0.0,
-                            target_modules=tuple(info.target_modules))  # fmt: skip
-        impl.load(ModelOptions(path=str(model), dtype=dtype, finetune="lora", lora=lora,
-                               keep_reference=False))  # fmt: skip
-        impl.load_trainable_state(read_canonical(adapter))
+        load_adapter(impl, model, adapter, dtype)
     return impl, load_tokenizer(model)
 
 

@@ -39,3 +39,23 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def load_adapter(impl: Any, model: Any, adapter: Any, dtype: str) -> None:
+    """Load ``model`` with the LoRA settings of ``adapter`` (PEFT or mlx-lm) into ``impl``,
+    then its factors; modules the adapter leaves out (mlx-lm covers only the last blocks)
+    get zero factors, which add nothing."""
+    import numpy as np
+
+    from tabpo.backends.base import LoraSettings, ModelOptions
+    from tabpo.models.adapters import read_adapter, read_canonical
+
+    info = read_adapter(adapter)
+    targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in info.modules}))
+    lora = LoraSettings(rank=info.rank, alpha=info.scale * info.rank, dropout=0.0,
+                        target_modules=targets)  # fmt: skip
+    impl.load(ModelOptions(path=str(model), dtype=dtype, finetune="lora", lora=lora,
+                           keep_reference=False))  # fmt: skip
+    state = read_canonical(adapter)
+    full = {k: state.get(k, np.zeros_like(v)) for k, v in impl.trainable_state().items()}
+    impl.load_trainable_state({**full, **state})

@@ -10,7 +10,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from tabpo.cli.common import console, handles_errors, quiet_libraries
+from tabpo.cli.common import console, handles_errors, load_adapter, quiet_libraries
 from tabpo.errors import TabpoError
 
 
@@ -61,10 +61,13 @@ def parity(
     )  # fmt: skip
     backends = [get_backend("torch"), get_backend("mlx")]
     for backend in backends:
-        backend.load(options)
+        if adapter is not None:
+            load_adapter(backend, model, adapter, dtype)
+        else:
+            backend.load(options)
         backend.setup_optimizer(OptimizerSettings())
-    if ref is None:
-        state = _adapter_state(adapter) if adapter else _random_adapter(backends[0], seed)
+    if ref is None and adapter is None:
+        state = _random_adapter(backends[0], seed)
         for backend in backends:
             backend.load_trainable_state(state)
     report = compare_backends(backends[0], backends[1], batch, names, dtype)
@@ -84,12 +87,6 @@ def _random_adapter(backend, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([seed, 0xB])
     return {k: (rng.normal(0.0, 0.02, v.shape).astype(np.float32) if k.endswith("lora_B")
                 else v) for k, v in state.items()}  # fmt: skip
-
-
-def _adapter_state(adapter: Path) -> dict[str, np.ndarray]:
-    from tabpo.models.adapters import read_canonical
-
-    return read_canonical(adapter)
 
 
 def _table(report) -> Table:
