@@ -6,14 +6,14 @@ VENV ?= .venv
 # macOS, chosen by the markers of the `mlx` extra in pyproject.toml.
 TORCH_PIN := $(if $(filter Linux,$(shell uname -s)),torch==2.13.0,)
 
-.PHONY: test lint setup
+.PHONY: test lint setup demo
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet $(TORCH_PIN) -e '.[torch,mlx,dev]'
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_PIN) -e '.[torch,mlx,demo,dev]'
 	touch $@
 
 test: setup
@@ -23,3 +23,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# The main job: the embedded benchmark, SFT vs DPO vs TAB-PO, offline (report in tabpo-demo/).
+demo: setup
+	$(VENV)/bin/tabpo demo --out tabpo-demo --force

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +27,7 @@ def demo(
         Path | None, typer.Option(help="SFT model (default: the shipped tiny model).")
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps per method.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Load the shipped SFT model, build pairs from its confusions, train DPO and TAB-PO
     under the same budget, evaluate SFT vs DPO vs TAB-PO on held-out test phrasings, and
@@ -38,6 +40,8 @@ def demo(
     from tabpo.models.tiny import SHIPPED
 
     quiet_libraries()
+    if out.exists() and any(out.iterdir()) and not force:
+        raise TabpoError(f"{out} exists (use --force to replace it)")
     model = model or SHIPPED
     if not (model / "config.json").is_file():
         raise TabpoError(f"no SFT model at {model}: run `tabpo build-model --install` first")
@@ -48,6 +52,7 @@ def demo(
         s.pref_size, s.test_size, s.steps = 200, 100, 40
     if steps is not None:
         s.steps = steps
+    shutil.rmtree(out, ignore_errors=True)
     with RichCallbacks() as callbacks:
         result = run_demo(s, get_backend, callbacks)
     path = report.write(result, out, "tabpo " + " ".join(sys.argv[1:]))

@@ -1,0 +1,172 @@
+"""One training run's state and its optimizer step, evaluation and checkpoints.
+
+A step consumes ``batch_size * gradient_accumulation_steps`` pairs of a seeded per-epoch
+permutation, as micro-batches whose gradients are scaled by their share of the step's pairs,
+so k accumulated micro-batches of B equal one batch of kB.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tabpo import config as cfg
+from tabpo import refcache
+from tabpo.batching import PairBatch, batches, collate
+from tabpo.checkpoint import TrainerState, publish_files, write_dir, write_state
+from tabpo.encoding import EncodedPair, EncodeStats
+from tabpo.errors import TabpoError
+from tabpo.losses import Objective
+from tabpo.schedule import learning_rate, warmup_steps
+from tabpo.tracking import combine
+
+if TYPE_CHECKING:
+    from tabpo.backends.base import Backend, StepResult
+
+
+class NonFiniteLoss(TabpoError):
+    """Training stopped on a non-finite loss; the message is the diagnosis."""
+
+
+class Callbacks:
+    """What the loop reports; the CLI draws progress bars from it. All optional."""
+
+    def phase(self, name: str, total: int) -> None: ...
+
+    def advance(self, phase: str, n: int = 1) -> None: ...
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class Dataset:
+    pairs: list[EncodedPair]
+    stats: EncodeStats
+    path: str
+    lines: dict[int, int] = field(default_factory=dict)  # pair index -> line in the file
+
+
+def step_pairs(n: int, per_step: int, seed: int, epoch: int, epoch_step: int) -> np.ndarray:
+    """Indices (into the pair list) of one step: a slice of epoch ``epoch``'s permutation."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[epoch_step * per_step : (epoch_step + 1) * per_step]
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; ``train`` builds it and steps it."""
+
+    c: cfg.TrainConfig
+    backend: Backend
+    objective: Objective
+    train: Dataset
+    eval: Dataset | None
+    pad: int
+    output: Path
+    callbacks: Callbacks
+    ref_train: refcache.RefTable | None = None
+    ref_eval: refcache.RefTable | None = None
+    state: TrainerState = field(default_factory=TrainerState)
+
+    @property
+    def per_step(self) -> int:
+        return self.c.batch_size * self.c.gradient_accumulation_steps
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train.pairs) / self.per_step)
+
+    # -- one optimizer step ---------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        s = self.state
+        chosen = step_pairs(len(self.train.pairs), self.per_step, self.c.seed, s.epoch,
+                            s.epoch_step)  # fmt: skip
+        parts, tokens = [], 0
+        for start in range(0, len(chosen), self.c.batch_size):
+            micro = [self.train.pairs[i] for i in chosen[start : start + self.c.batch_size]]
+            batch = collate(micro, self.pad)
+            ref = self.ref_train.for_batch(batch) if self.ref_train else None
+            result = self.backend.forward_backward(
+                batch, self.objective, ref, scale=len(micro) / len(chosen)
+            )
+            self.check_finite(result, batch)
+            parts.append((len(micro), {"loss": result.loss, **result.metrics}))
+            tokens += result.tokens
+        lr = learning_rate(s.step, base=self.c.learning_rate, total=s.total_steps,
+                           warmup=self.warmup, kind=self.c.lr_scheduler)  # fmt: skip
+        grad_norm = self.backend.optimizer_step(lr, self.c.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLoss(
+                f"step {s.step + 1}: the gradient norm is {grad_norm} although the loss is "
+                f"finite; weights after this step are not saved"
+            )
+        s.step += 1
+        s.num_tokens += tokens
+        s.epoch_step += 1
+        if s.epoch_step >= self.steps_per_epoch:
+            s.epoch, s.epoch_step = s.epoch + 1, 0
+        metrics = combine(parts)
+        return {"loss": metrics.pop("loss"), "grad_norm": grad_norm, "learning_rate": lr,
+                "num_tokens": s.num_tokens, **metrics, "_tokens": tokens}  # fmt: skip
+
+    def check_finite(self, result: StepResult, batch: PairBatch) -> None:
+        if math.isfinite(result.loss):
+            return
+        bad = [int(i) for i, v in zip(batch.indices, result.per_pair, strict=True)
+               if not math.isfinite(v)]  # fmt: skip
+        terms = [k for k, v in result.metrics.items() if not math.isfinite(v)] or ["loss"]
+        lines = ", ".join(f"{i} (line {self.train.lines.get(i, '?')})" for i in bad)
+        raise NonFiniteLoss(
+            f"non-finite loss at step {self.state.step + 1}: non-finite terms "
+            f"{', '.join(terms)}; pairs {lines or '?'} of {self.train.path}; the last "
+            f"checkpoint is left as it was"
+        )
+
+    @property
+    def warmup(self) -> int:
+        return warmup_steps(self.state.total_steps, self.c.warmup_ratio, self.c.warmup_steps)
+
+    # -- evaluation and checkpoints --------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        assert self.eval is not None
+        parts = []
+        self.callbacks.phase("eval", len(self.eval.pairs))
+        for batch in batches(self.eval.pairs, self.c.eval_batch_size, pad_id=self.pad):
+            ref = self.ref_eval.for_batch(batch) if self.ref_eval else None
+            result = self.backend.evaluate(batch, self.objective, ref)
+            parts.append((len(batch.indices), {"loss": result.loss, **result.metrics}))
+            self.callbacks.advance("eval", len(batch.indices))
+        return {f"eval_{k}": v for k, v in combine(parts).items()}
+
+    def checkpoint(self) -> Path:
+        target = self.output / f"checkpoint-{self.state.step}"
+
+        def fill(tmp: Path) -> None:
+            self.backend.save_weights(tmp)
+            self.backend.save_state(tmp)
+            write_state(tmp, self.state, cfg.to_yaml(self.c))
+
+        write_dir(target, fill)
+        self.callbacks.message(f"saved {target}")
+        return target
+
+    def publish_final(self) -> None:
+        """The final weights at the top of the output directory, loadable by their stack."""
+        tmp = self.output / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self.backend.save_weights(tmp)
+        publish_files(tmp, self.output)
+        tmp.rmdir()
