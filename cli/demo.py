@@ -28,6 +28,13 @@ def demo(
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps per method.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Learning rate of every method.")
+    ] = None,
+    eval_split: Annotated[
+        str, typer.Option(help="test, or dev to choose hyperparameters.")
+    ] = "test",
+    methods: Annotated[str | None, typer.Option(help="Comma-separated losses to train.")] = None,
 ) -> None:
     """Load the shipped SFT model, build pairs from its confusions, train DPO and TAB-PO
     under the same budget, evaluate SFT vs DPO vs TAB-PO on held-out test phrasings, and
@@ -52,6 +59,13 @@ def demo(
         s.pref_size, s.test_size, s.steps = 200, 100, 40
     if steps is not None:
         s.steps = steps
+    if learning_rate is not None:
+        s.learning_rate = learning_rate
+    if methods is not None:
+        s.methods = tuple(m.strip() for m in methods.split(",") if m.strip())
+    if eval_split not in ("test", "dev"):
+        raise TabpoError("--eval-split must be test or dev")
+    s.eval_split = eval_split
     shutil.rmtree(out, ignore_errors=True)
     with RichCallbacks() as callbacks:
         result = run_demo(s, get_backend, callbacks)

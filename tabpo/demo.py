@@ -36,7 +36,8 @@ HPARAMS: dict[str, dict[str, Any]] = {
     "dpop": {"beta": 0.1},
     "tabpo": {"beta": 0.5, "tau": 0.66, "barrier_weight": 0.5},
 }
-HEADLINE = ("code/f1", "subcode/f1", "span/f1", "triplet/f1", "json_valid")
+HEADLINE = ("code/f1", "subcode/f1", "span/f1", "triplet/f1", "json_valid", "span_verbatim",
+            "snap_span/f1", "snap_triplet/f1")  # fmt: skip
 
 
 @dataclass
@@ -46,13 +47,14 @@ class DemoSettings:
     backend: str = "auto"
     methods: tuple[str, ...] = DEFAULT_METHODS
     seeds: int = 1
-    pref_size: int = 600
+    pref_size: int = 1000
     test_size: int = 300
-    steps: int = 150
+    steps: int = 300
     batch_size: int = 8
     learning_rate: float = 2e-5
     max_new_tokens: int = 160
     data_seed: int = 0
+    eval_split: str = "test"  # "dev" for choosing hyperparameters
 
 
 @dataclass
@@ -67,8 +69,8 @@ def run_demo(
     s: DemoSettings, make_backend: Callable[[str], Backend], callbacks: Callbacks
 ) -> DemoResult:
     data = s.out / "data"
-    test = read_records(write_jsonl(generate_split("test", s.test_size, s.data_seed),
-                                    data / "test.jsonl"))  # fmt: skip
+    test = read_records(write_jsonl(generate_split(s.eval_split, s.test_size, s.data_seed),
+                                    data / f"{s.eval_split}.jsonl"))  # fmt: skip
     pref = read_records(write_jsonl(generate_split("pref", s.pref_size, s.data_seed),
                                     data / "pref.jsonl"))  # fmt: skip
     tokenizer = load_tokenizer(s.model)
@@ -83,7 +85,7 @@ def run_demo(
                        progress=lambda n: callbacks.advance(name, n))  # fmt: skip
 
     result = DemoResult(settings={k: str(v) for k, v in asdict(s).items()}, pair_stats={})
-    sft_scores = evaluate(test, answers(sft, test, "SFT on test"))
+    sft_scores = evaluate(test, answers(sft, test, f"SFT on {s.eval_split}"), snap=True)
     result.scores["sft"] = [sft_scores] * s.seeds
     rows, result.pair_stats = make_pairs(pref, answers(sft, pref, "SFT on pref"),
                                          strategy="confusion", seed=s.data_seed)  # fmt: skip
@@ -103,7 +105,8 @@ def run_demo(
             })  # fmt: skip
             callbacks.message(f"training {method} (seed {seed})")
             trained = train(c, make_backend(s.backend), callbacks)
-            scores = evaluate(test, answers(trained.backend, test, f"{method} on test"))
+            scores = evaluate(test, answers(trained.backend, test, f"{method} on {s.eval_split}"),
+                              snap=True)  # fmt: skip
             result.scores.setdefault(method, []).append(scores)
             if seed == 0:
                 result.curves[method] = chosen_curve(run_dir / "metrics.jsonl")
@@ -123,6 +126,6 @@ def summary(result: DemoResult) -> dict[str, dict[str, tuple[float, float]]]:
         out[method] = {
             k: (statistics.fmean(r[k] for r in runs),
                 statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0)
-            for k in HEADLINE
+            for k in HEADLINE if all(k in r for r in runs)
         }  # fmt: skip
     return out

@@ -10,7 +10,9 @@ from pathlib import Path
 from tabpo.demo import HEADLINE, DemoResult, summary
 
 LABELS = {"code/f1": "Code F1", "subcode/f1": "Sub-code F1", "span/f1": "Span F1 (relaxed)",
-          "triplet/f1": "strict triplet F1", "json_valid": "JSON valid"}  # fmt: skip
+          "triplet/f1": "strict triplet F1", "json_valid": "JSON valid",
+          "span_verbatim": "verbatim spans", "snap_span/f1": "Span F1 snapped",
+          "snap_triplet/f1": "strict F1 snapped"}  # fmt: skip
 NAMES = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "cal_dpo": "Cal-DPO",
          "dpop": "DPOP", "tabpo": "TAB-PO"}  # fmt: skip
 
@@ -19,12 +21,13 @@ def table(result: DemoResult) -> str:
     """A Markdown table: one row per method, mean +- std over seeds for each metric."""
     stats = summary(result)
     seeds = max(len(v) for v in result.scores.values())
-    head = "| method | " + " | ".join(LABELS[k] for k in HEADLINE) + " |"
-    rule = "|---|" + "---:|" * len(HEADLINE)
+    keys = [k for k in HEADLINE if all(k in m for m in stats.values())]
+    head = "| method | " + " | ".join(LABELS[k] for k in keys) + " |"
+    rule = "|---|" + "---:|" * len(keys)
     rows = []
     for method, metrics in stats.items():
         cells = [f"{m:.3f}" + (f" ± {sd:.3f}" if seeds > 1 else "") for m, sd in
-                 (metrics[k] for k in HEADLINE)]  # fmt: skip
+                 (metrics[k] for k in keys)]  # fmt: skip
         rows.append(f"| {NAMES.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join([head, rule, *rows])
 
@@ -87,11 +90,13 @@ def figure(result: DemoResult, path: Path) -> None:
     bars.set_title("test split (held-out phrasings)")
     bars.legend(fontsize=8)
     for method, curve in result.curves.items():
-        if curve:
-            curves.plot([x for x, _ in curve], [y for _, y in curve],
-                        label=NAMES.get(method, method))  # fmt: skip
+        if curve:  # a running mean over 10 steps: each step sees other pairs
+            ys = [y for _, y in curve]
+            smooth = [sum(ys[max(0, i - 9) : i + 1]) / len(ys[max(0, i - 9) : i + 1])
+                      for i in range(len(ys))]  # fmt: skip
+            curves.plot([x for x, _ in curve], smooth, label=NAMES.get(method, method))
     curves.set_xlabel("step")
-    curves.set_ylabel("log p(chosen), sequence sum")
+    curves.set_ylabel("log p(chosen), sequence sum, mean of 10 steps")
     curves.set_title("chosen log-prob during training (squeezing = falling)")
     curves.legend(fontsize=8)
     fig.tight_layout()
