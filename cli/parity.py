@@ -16,8 +16,13 @@ from tabpo.errors import TabpoError
 
 @handles_errors
 def parity(
-    model: Annotated[Path, typer.Option(help="Hugging Face model directory.")],
-    data: Annotated[Path, typer.Option(help="Preference pairs, JSONL.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (default: the shipped tiny model).")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Preference pairs, JSONL (default: pairs of the embedded benchmark)."),
+    ] = None,
     loss: Annotated[
         list[str] | None, typer.Option(help="Loss to compare (repeat it); default: all.")
     ] = None,
@@ -41,9 +46,11 @@ def parity(
     from tabpo.batching import collate
     from tabpo.data import read_preferences
     from tabpo.encoding import encode_pairs, load_tokenizer, pad_id
+    from tabpo.models.tiny import SHIPPED
     from tabpo.parity import TOLERANCES, compare_backends
 
     quiet_libraries()
+    model = model or SHIPPED
     names = loss or losses.names()
     for name in names:
         losses.get(name)
@@ -52,7 +59,7 @@ def parity(
     if adapter is not None and ref is not None:
         raise TabpoError("--adapter and --ref contradict: --ref compares full fine-tuning")
     tokenizer = load_tokenizer(model)
-    examples = read_preferences(data)[0][:pairs]
+    examples = read_preferences(data or _benchmark_pairs(pairs))[0][:pairs]
     encoded, _ = encode_pairs(tokenizer, examples, max_length=max_length)
     batch = collate(encoded, pad_id(tokenizer))
     options = ModelOptions(
@@ -77,6 +84,18 @@ def parity(
         console.print(_table(report))
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _benchmark_pairs(count: int) -> Path:
+    """A few rule-built pairs of the embedded benchmark, in a temporary file."""
+    import tempfile
+
+    from tabpo.annotate import write_jsonl
+    from tabpo.clinical import generate_split
+    from tabpo.pairs import build_pairs
+
+    rows, _ = build_pairs(generate_split("pref", 4 * count), strategy="rule", seed=0)
+    return write_jsonl(rows[:count], Path(tempfile.mkdtemp()) / "pairs.jsonl")
 
 
 def _random_adapter(backend, seed: int) -> dict[str, np.ndarray]:

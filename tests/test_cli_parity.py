@@ -56,3 +56,12 @@ def test_bad_input(setup, extra, message):
     model, data = setup
     result = run("--model", model, "--data", data, *extra)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_defaults_are_the_shipped_model_and_benchmark():
+    """No --model and no --data: the shipped tiny model on pairs of the embedded benchmark."""
+    result = run("--loss", "tabpo", "--pairs", 2, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["pass"] is True
+    assert doc["backends"]["torch"]["tabpo"]["metrics"]["logps/chosen"] < 0
