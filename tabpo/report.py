@@ -87,7 +87,8 @@ def figure(result: DemoResult, path: Path) -> None:
     bars.set_xticks([j + width * (len(stats) - 1) / 2 for j in range(len(metrics))])
     bars.set_xticklabels([LABELS[k] for k in metrics], fontsize=8)
     bars.set_ylim(0, 1)
-    bars.set_title("test split (held-out phrasings)")
+    split = result.settings.get("eval_split", "test")
+    bars.set_title(f"{split} split ({'held-out' if split == 'test' else 'preference'} phrasings)")
     bars.legend(fontsize=8)
     for method, curve in result.curves.items():
         if curve:  # a running mean over 10 steps: each step sees other pairs
