@@ -13,3 +13,18 @@ def chatml_tokenizer():
     pytest.importorskip("tokenizers")
     pytest.importorskip("transformers")
     return build_chatml_tokenizer()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls gain nothing from threads, and on a 2-core machine OpenMP's spinning
+    threads made the torch tests 3-6x slower and their runtime erratic."""
+    try:
+        import torch
+    except ImportError:  # the core's tests run without torch
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

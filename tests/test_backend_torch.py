@@ -52,16 +52,6 @@ PAIRS = [  # (user message, chosen, rejected): different lengths, so the batch i
 # -- fixtures and oracles -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a 2-core machine OpenMP's spinning
-    threads made this file 3-6x slower (20-40 s instead of ~7 s) and its runtime erratic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """``tiny(family, seed, tie)``: a tiny model directory, built once per module."""

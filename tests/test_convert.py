@@ -45,15 +45,6 @@ RANK, ALPHA = 4, 12.0  # scale 3, so a lost or doubled scale shows
 IDS = np.random.default_rng(7).integers(0, 400, size=(2, 24))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads; OpenMP spinning slows 2-core machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """``tiny(family, tie=False)``: a tiny model directory, built once per module."""

@@ -40,14 +40,6 @@ RANK, ALPHA = 4, 12.0
 IDS = np.random.default_rng(11).integers(0, 400, size=(2, 24))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     built = {}
