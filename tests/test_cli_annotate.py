@@ -102,3 +102,31 @@ def test_demo_end_to_end(model_dir, tmp_path):
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = (tmp_path / "data" / "pairs.jsonl").read_text().splitlines()
     assert len(pairs) == result.pair_stats["pairs"]
+
+
+def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):
+    """`tabpo build-model` (2 SFT steps here): data, tokenizer, random init, SFT; --install
+    copies a loadable model directory over the shipped one (redirected to tmp here)."""
+    import tabpo.models.tiny as tiny
+
+    monkeypatch.setattr(tiny, "SHIPPED", tmp_path / "shipped")
+    result = run("build-model", "--out", tmp_path / "build", "--steps", 2, "--install")
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(x).get("step") for x in
+             (tmp_path / "build" / "sft" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert steps[:2] == [1, 2]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "shipped")
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.1e6, rel=0.05)
+    again = run("build-model", "--out", tmp_path / "build", "--steps", 2)
+    assert again.exit_code == 2 and "exists" in again.output
+
+
+def test_demo_refuses_existing_output_and_missing_model(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    result = run("demo", "--out", tmp_path)
+    assert result.exit_code == 2 and "exists" in result.output
+    assert (tmp_path / "keep.txt").exists()
+    result = run("demo", "--out", tmp_path / "new", "--model", tmp_path / "none")
+    assert result.exit_code == 2 and "no SFT model" in result.output
