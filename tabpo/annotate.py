@@ -11,11 +11,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tabpo.clinical import write_jsonl
 from tabpo.data import parse_record
 from tabpo.errors import DataError
 from tabpo.evaluation import score
 from tabpo.generation import generate
 from tabpo.pairs import build_pairs
+
+__all__ = ["evaluate", "make_pairs", "predict", "read_records", "write_jsonl"]
 
 if TYPE_CHECKING:
     from tabpo.backends.base import Backend
@@ -74,13 +77,3 @@ def make_pairs(
     """Preference pairs (prompt, chosen, rejected) with the records' own prompts."""
     plain = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
     return build_pairs(plain, predictions, strategy=strategy, seed=seed)
-
-
-def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """JSON lines, written to a temporary file and renamed (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
-    return path

@@ -160,12 +160,15 @@ def generate_splits(
 
 
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
-    """One compact JSON object per line, UTF-8, "\\n" line ends; same records, same bytes."""
+    """One compact JSON object per line, UTF-8, "\\n" line ends; same records, same bytes.
+    Written to a temporary file and renamed, so a file is never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as f:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8", newline="\n") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
     return path
 
 
