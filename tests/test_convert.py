@@ -23,6 +23,7 @@ import sys
 import numpy as np
 import pytest
 from helpers import build_tiny_model
+from stacks import close, f64, mlx_logps, tensors, torch_logps
 from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
@@ -42,7 +43,6 @@ from tabpo.models.families import inspect_model_dir  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 4, 12.0  # scale 3, so a lost or doubled scale shows
-IDS = np.random.default_rng(7).integers(0, 400, size=(2, 24))
 
 
 @pytest.fixture(scope="module")
@@ -62,27 +62,9 @@ def tiny(tmp_path_factory):
 # -- oracles -----------------------------------------------------------------------------------
 
 
-def tensors(path):
-    """Every tensor of a directory's model*/adapter*.safetensors files, via torch (bf16 ok)."""
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def metadata(file):
     with safe_open(str(file), framework="pt") as f:
         return f.metadata()
-
-
-def f64(t):
-    return t.double().numpy()
-
-
-def close(got, want, what, atol):
-    diff = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
-    assert diff.max() <= atol, f"{what}: max diff {diff.max():.3g}, mean {diff.mean():.3g}"
 
 
 def peft_merged(base, adapter):
@@ -117,31 +99,6 @@ def same_merged(got, want, what):
     assert sorted(got) == sorted(want), f"{what}: adapted modules differ"
     for module in want:
         close(got[module], want[module], f"{what} {module}", 1e-6)
-
-
-def log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def torch_logps(model_dir, adapter=None):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
-    with torch.no_grad():
-        return log_softmax(model.eval()(torch.from_numpy(IDS)).logits.numpy())
-
-
-def mlx_logps(model_dir, adapter=None, overrides=None):
-    model, _ = mlx_load(
-        str(model_dir), adapter_path=adapter and str(adapter), model_config=overrides
-    )
-    model.set_dtype(mx.float32)
-    return log_softmax(np.array(model(mx.array(IDS))))
 
 
 # -- adapters made by each library itself ------------------------------------------------------

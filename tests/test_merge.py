@@ -20,6 +20,7 @@ import shutil
 import numpy as np
 import pytest
 from helpers import build_tiny_model
+from stacks import close, f64, mlx_logps, tensors, torch_logps
 from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
@@ -30,14 +31,12 @@ pytest.importorskip("peft")
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 from mlx_lm.utils import load as mlx_load  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 
 from tabpo.cli.app import app  # noqa: E402
 from tabpo.models.families import inspect_model_dir  # noqa: E402
 from tabpo.models.merge import merge  # noqa: E402
 
 RANK, ALPHA = 4, 12.0
-IDS = np.random.default_rng(11).integers(0, 400, size=(2, 24))
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +49,6 @@ def tiny(tmp_path_factory):
         return built[family]
 
     return get
-
-
-def tensors(path):
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def f64(t):
-    return t.double().numpy()
-
-
-def close(got, want, what, atol):
-    diff = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
-    assert diff.max() <= atol, f"{what}: max diff {diff.max():.3g}, mean {diff.mean():.3g}"
 
 
 def peft_adapter(base, out, *, targets, dora=False, seed=1):
@@ -143,31 +125,6 @@ def check_merged(base, adapter, merged):
             close(f64(got[name]), want[module], f"merged {module}", 1e-6)
         else:
             assert torch.equal(got[name], value), f"{name} changed but is not adapted"
-
-
-def log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def torch_logps(model_dir, adapter=None):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
-    with torch.no_grad():
-        return log_softmax(model.eval()(torch.from_numpy(IDS)).logits.numpy())
-
-
-def mlx_logps(model_dir, adapter=None, overrides=None):
-    model, _ = mlx_load(
-        str(model_dir), adapter_path=adapter and str(adapter), model_config=overrides
-    )
-    model.set_dtype(mx.float32)
-    return log_softmax(np.array(model(mx.array(IDS))))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
