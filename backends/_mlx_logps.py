@@ -1,9 +1,18 @@
-"""Per-token log-probs and KL from hidden states, with the LM head on completion rows only.
+"""One batch's decoder forward, and per-token log-probs and KL with the LM head on
+completion rows only.
 
-Shapes: N = 2B stacked sequences, T positions, H hidden, V vocabulary, K completion tokens.
-A float32 log-softmax over (N, T, V) is never built: the head runs on the K rows that
-predict completion tokens (``tabpo.batching.targets``), a chunk of rows at a time, and the
-results are scattered back into a zero (N, T) matrix aligned with the masks.
+Shapes: N = 2B stacked sequences, T positions, H hidden, V vocabulary, K completion tokens,
+U <= K of them distinct (the shared-prefix layout computes a token both sides share once,
+``tabpo.layout``). A float32 log-softmax over (N, T, V) is never built: the head runs on
+the U rows that predict completion tokens, a chunk of rows at a time, and the results are
+scattered back into a zero (N, T) matrix aligned with the masks.
+
+The forked layout needs two things mlx-lm's attention does not take from its caller: a
+custom mask and per-token positions. Both go in through the ``cache`` argument every
+mlx-lm attention accepts: ``_ForkCache.make_mask`` returns the fork mask, its
+``update_and_fetch`` keeps nothing, and for the duration of the forward each layer's RoPE is
+wrapped so that it rotates every token by its own position (``mx.fast.rope`` takes one
+offset per batch row, so tokens are laid out as rows of length 1).
 
     l_t  = z_t[y_t] - logsumexp(z_t)                           (z_t: logits of row t)
     KL_t = sum_v p_ref(v|s_t) (log p_ref(v|s_t) - log p_theta(v|s_t))
@@ -11,11 +20,16 @@ results are scattered back into a zero (N, T) matrix aligned with the masks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from tabpo.batching import Targets
+from tabpo.batching import PairBatch, Targets
+from tabpo.layout import fork_mask, layout
 
 LOGITS_PER_CHUNK = 1 << 24  # float32 logits held at once per chunk (64 MB)
 
@@ -39,18 +53,88 @@ def _chunks(k: int, vocab: int) -> list[slice]:
     return [slice(s, min(s + step, k)) for s in range(0, k, step)]
 
 
+class Forward:
+    """A batch in its layout (``tabpo.layout``), ready to run through a model's decoder."""
+
+    def __init__(self, batch: PairBatch, sharing: str) -> None:
+        self.layout = lay = layout(batch, sharing)
+        self.targets = lay.targets
+        self.shape = lay.shape
+        self.ids = mx.array(lay.ids.astype(np.int32))
+        self.mask: mx.array | None = None
+        self.positions: mx.array | None = None
+        if lay.segments is not None and lay.positions is not None:
+            segments = mx.array(lay.segments.astype(np.int32))
+            self.mask = fork_mask(segments, mx.arange(segments.shape[1]))[:, None]  # (R,1,L,L)
+            self.positions = mx.array(lay.positions.astype(np.int32))
+
+    def hidden(self, model: nn.Module) -> mx.array:
+        """Final hidden states (R, L, H) of ``model``'s decoder on this layout."""
+        decoder = model.model
+        if self.mask is None or self.positions is None:
+            return decoder(self.ids)
+        cache = [_ForkCache(self.mask)] * len(decoder.layers)
+        with _positioned_rope(decoder.layers, self.positions):
+            return decoder(self.ids, cache=cache)
+
+
+class _ForkCache:
+    """A stand-in KV cache that hands mlx-lm's attention the fork mask and caches nothing."""
+
+    offset = 0  # ignored by the positioned RoPE
+
+    def __init__(self, mask: mx.array) -> None:
+        self.mask = mask
+
+    def make_mask(self, n: int, *, return_array: bool = False, window_size: Any = None) -> Any:
+        if window_size is not None:
+            raise NotImplementedError("the shared-prefix forward has no sliding-window mask")
+        return self.mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return keys, values
+
+
+class _PositionedRope(nn.Module):
+    """``inner`` RoPE applied at per-token positions (R, L) instead of 0..L-1 + offset."""
+
+    def __init__(self, inner: nn.Module, positions: mx.array) -> None:
+        super().__init__()
+        self._inner, self._positions = inner, positions
+
+    def __call__(self, x: mx.array, offset: Any = 0) -> mx.array:
+        r, heads, n, d = x.shape  # (R, heads, L, D) -> one row of length 1 per token
+        tokens = x.transpose(0, 2, 1, 3).reshape(r * n, heads, 1, d)
+        out = self._inner(tokens, offset=self._positions.reshape(-1))
+        return out.reshape(r, n, heads, d).transpose(0, 2, 1, 3)
+
+
+@contextmanager
+def _positioned_rope(layers: list[nn.Module], positions: mx.array) -> Iterator[None]:
+    """Every layer's ``self_attn.rope`` wrapped by ``_PositionedRope`` inside the block."""
+    originals = [layer.self_attn.rope for layer in layers]
+    try:
+        for layer, rope in zip(layers, originals, strict=True):
+            layer.self_attn.rope = _PositionedRope(rope, positions)
+        yield
+    finally:
+        for layer, rope in zip(layers, originals, strict=True):
+            layer.self_attn.rope = rope
+
+
 def completion_rows(hidden: mx.array, tg: Targets) -> mx.array:
-    """The hidden states (K, H) that predict the completion tokens."""
-    flat = hidden.reshape(-1, hidden.shape[-1])  # (N*T, H)
+    """The hidden states (U, H) that predict the completion tokens."""
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (R*L, H)
     return flat[mx.array(tg.hidden_index)]
 
 
 def scatter(values: list[mx.array], tg: Targets, shape: tuple[int, int]) -> mx.array:
-    """Per-token values (K,) placed at their positions in a zero (N, T) float32 matrix; the
-    scatter-add is differentiable with respect to ``values``."""
+    """Per-target values (U,) placed at their positions in a zero (N, T) float32 matrix;
+    differentiable with respect to ``values``."""
     out = mx.zeros((shape[0] * shape[1],), dtype=mx.float32)
     if values:
-        out = out.at[mx.array(tg.out_index)].add(mx.concatenate(values))
+        placed = mx.concatenate(values)[mx.array(tg.source)]  # (K,)
+        out = out.at[mx.array(tg.out_index)].add(placed)
     return out.reshape(shape)
 
 
@@ -58,6 +142,7 @@ def token_logps(
     model: nn.Module,
     hidden: mx.array,
     tg: Targets,
+    shape: tuple[int, int],
     ref: tuple[nn.Module, mx.array] | None = None,
 ) -> tuple[mx.array, mx.array | None]:
     """Log-probs (N, T) of the completion tokens and, given ``ref = (ref_model, ref_rows)``
@@ -65,8 +150,8 @@ def token_logps(
 
     The reference side is under ``stop_gradient``: only pi_theta is differentiated.
     """
-    rows = completion_rows(hidden, tg)  # (K, H)
-    target = mx.array(tg.target_ids)[:, None]  # (K, 1)
+    rows = completion_rows(hidden, tg)  # (U, H)
+    target = mx.array(tg.target_ids)[:, None]  # (U, 1)
     vocab = model.args.vocab_size
     logps, kls = [], []
     for part in _chunks(len(tg.target_ids), vocab):
@@ -76,7 +161,6 @@ def token_logps(
             ref_model, ref_rows = ref
             ref_logp = mx.stop_gradient(_log_softmax(ref_model, ref_rows[part]))
             kls.append(mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1))
-    shape = hidden.shape[:2]
     return scatter(logps, tg, shape), scatter(kls, tg, shape) if ref is not None else None
 
 

@@ -1,9 +1,10 @@
 """Per-token log-probs and full-vocabulary KL through a gathered LM head, in PyTorch.
 
 Shapes: N = 2B sequences (chosen then rejected) of length T, hidden size H, vocabulary V,
-K completion tokens in the whole batch (``tabpo.batching.targets``).
+K completion tokens in the whole batch, U <= K of them distinct (``tabpo.layout``: the
+shared-prefix layout computes a token both sides share once).
 
-Only the K hidden states that predict a completion token go through the LM head, in chunks
+Only the U hidden states that predict a completion token go through the LM head, in chunks
 of ``CHUNK_ROWS`` rows, each under activation checkpointing when a gradient is needed: the
 (chunk, V) float32 logits are rebuilt in the backward pass instead of being kept, so the
 peak is one chunk of logits, never (N, T, V).
@@ -19,31 +20,48 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from tabpo.backends.base import RefLogps
-from tabpo.batching import PairBatch, concat_sides, split_rows, targets
+from tabpo.batching import PairBatch, split_rows
 from tabpo.errors import TabpoError
+from tabpo.layout import fork_mask, layout
 
 CHUNK_ROWS = 4096
 
 
 class DeviceBatch:
-    """One batch on the device: the (2B, T) ids and attention, the completion targets."""
+    """One batch on the device: the decoder inputs of its layout (plain (2B, T) or forked,
+    ``tabpo.layout``) and the completion targets."""
 
-    def __init__(self, batch: PairBatch, device: torch.device) -> None:
-        ids, attention, mask = concat_sides(batch)
-        t = targets(ids, mask)
+    def __init__(self, batch: PairBatch, device: torch.device, sharing: str = "auto") -> None:
+        lay = layout(batch, sharing)
         self.device = device
-        self.shape = ids.shape
+        self.layout = lay
+        self.shape = lay.shape
         self.pairs = batch.size
-        self.ids = torch.from_numpy(ids).to(device)
-        self.attention = torch.from_numpy(attention).to(device=device, dtype=torch.long)
-        self.hidden = torch.from_numpy(t.hidden_index).to(device)
-        self.target = torch.from_numpy(t.target_ids).to(device)
-        self.out = torch.from_numpy(t.out_index).to(device)
+        self.ids = torch.from_numpy(lay.ids).to(device)
+        self.attention = torch.from_numpy(lay.attention).to(device=device, dtype=torch.long)
+        self.hidden = torch.from_numpy(lay.targets.hidden_index).to(device)
+        self.target = torch.from_numpy(lay.targets.target_ids).to(device)
+        self.out = torch.from_numpy(lay.targets.out_index).to(device)
+        self.source = torch.from_numpy(lay.targets.source).to(device)
+
+    def decoder_inputs(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Keyword arguments of the decoder: the 2-D padding mask of the plain layout, or
+        the forked layout's position ids and additive (R, 1, L, L) mask in ``dtype``."""
+        lay = self.layout
+        if lay.segments is None or lay.positions is None:
+            return {"input_ids": self.ids, "attention_mask": self.attention}
+        segments = torch.from_numpy(lay.segments).to(self.device)
+        order = torch.arange(segments.shape[1], device=self.device)
+        allowed = fork_mask(segments, order)[:, None]  # (R, 1, L, L)
+        blocked = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        blocked.masked_fill_(~allowed, torch.finfo(dtype).min)
+        positions = torch.from_numpy(lay.positions).to(self.device)
+        return {"input_ids": self.ids, "attention_mask": blocked, "position_ids": positions}
 
     def sides(self, values: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(K,) completion values as chosen (B, T) and rejected (B, T) (None in a
+        """(U,) per-target values as chosen (B, T) and rejected (B, T) (None in a
         completion-only batch), 0 elsewhere."""
-        return to_sides(values, self.out, self.shape, self.pairs)
+        return to_sides(values.index_select(0, self.source), self.out, self.shape, self.pairs)
 
     def tensor(self, array: np.ndarray | None) -> Tensor | None:
         if array is None:
@@ -59,15 +77,13 @@ class DeviceBatch:
         return self.tensor(ref[0]), self.tensor(ref[1])
 
 
-def completion_hidden(
-    causal_lm: nn.Module, ids: Tensor, attention: Tensor, hidden_index: Tensor
-) -> Tensor:
-    """Final hidden states (K, H) at the rows of the flattened (N*T, H) states that predict
+def completion_hidden(causal_lm: nn.Module, inputs: DeviceBatch) -> Tensor:
+    """Final hidden states (U, H) at the rows of the flattened (R*L, H) states that predict
     a completion token; the LM head is left out so it runs on these rows only."""
     decoder = causal_lm.get_decoder()
-    out = decoder(input_ids=ids, attention_mask=attention, use_cache=False)
-    hidden = out.last_hidden_state.flatten(0, 1)  # (N*T, H)
-    return hidden.index_select(0, hidden_index)  # (K, H)
+    out = decoder(**inputs.decoder_inputs(causal_lm.dtype), use_cache=False)
+    hidden = out.last_hidden_state.flatten(0, 1)  # (R*L, H)
+    return hidden.index_select(0, inputs.hidden)  # (U, H)
 
 
 def token_logps(rows: Tensor, head: nn.Module, target_ids: Tensor) -> Tensor:

@@ -49,6 +49,7 @@ class ModelOptions:
     device: str | None = None  # torch only: cuda, mps, cpu; None picks cuda > mps > cpu
     ref_path: str | None = None  # full fine-tuning: a separate reference model directory
     keep_reference: bool = True  # full fine-tuning: keep a frozen copy as the reference
+    prefix_sharing: str = "auto"  # tabpo.layout.SHARING: fork each pair at its shared prefix
 
 
 @dataclass(frozen=True)

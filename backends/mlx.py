@@ -1,10 +1,11 @@
 """The MLX backend: mlx-lm models, LoRA on every layer or full fine-tuning, AdamW.
 
-One (2B, T) forward of the inner model gives the hidden states of chosen and rejected; the
-LM head runs on completion rows only (``_mlx_logps``). The reference is the policy with
-its adapter switched off (LoRA: every LoRA scale 0, no second model), a frozen copy of the
-initial model or the model at ``ref_path`` (full fine-tuning), or precomputed log-probs.
-Gradients of micro-batches are summed in float32 until ``optimizer_step``.
+One forward of the inner model gives the hidden states of chosen and rejected, stacked
+(2B, T) or forked at their shared prefix (``tabpo.layout``); the LM head runs on completion
+rows only (``_mlx_logps``). The reference is the policy with its adapter switched off
+(LoRA: every LoRA scale 0, no second model), a frozen copy of the initial model or the
+model at ``ref_path`` (full fine-tuning), or precomputed log-probs. Gradients of
+micro-batches are summed in float32 until ``optimizer_step``.
 
 LoRA's A factors are drawn from MLX's global RNG when the model loads: call ``seed`` first.
 """
@@ -22,7 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from tabpo.backends import _mlx_io as io
-from tabpo.backends._mlx_logps import as_mx, completion_rows, token_logps
+from tabpo.backends._mlx_logps import Forward, as_mx, completion_rows, token_logps
 from tabpo.backends._mlx_model import (
     adapter_off,
     apply_lora,
@@ -40,7 +41,7 @@ from tabpo.backends.base import (
     RefLogps,
     StepResult,
 )
-from tabpo.batching import PairBatch, Targets, concat_sides, split_rows, targets
+from tabpo.batching import PairBatch, split_rows
 from tabpo.errors import TabpoError
 from tabpo.models.families import ModelInfo
 from tabpo.xp import to_float
@@ -62,6 +63,7 @@ class MlxBackend:
         self._reference_model: nn.Module | None = None  # full fine-tuning only
         self._optimizer: optim.AdamW | None = None
         self._grads: Any = None  # float32 tree of summed micro-batch gradients
+        self.prefix_sharing = "auto"  # tabpo.layout.SHARING
 
     # -- model ---------------------------------------------------------------------------
 
@@ -71,6 +73,7 @@ class MlxBackend:
                 f"unknown finetune {options.finetune!r}; expected one of {FINETUNE_MODES}"
             )
         self.info = resolve(options.path)
+        self.prefix_sharing = options.prefix_sharing
         self.model, self.tokenizer = load_model(self.info, options.dtype)
         self._reference_model, self._grads = None, None
         if options.finetune == "lora":
@@ -113,31 +116,29 @@ class MlxBackend:
 
     # -- forward -------------------------------------------------------------------------
 
-    def _reference_forward(
-        self, ids: mx.array, tg: Targets
-    ) -> tuple[nn.Module, mx.array, mx.array]:
-        """Reference model, its completion rows (K, H) and log-probs (2B, T), evaluated now
+    def _reference_forward(self, fwd: Forward) -> tuple[nn.Module, mx.array, mx.array]:
+        """Reference model, its completion rows (U, H) and log-probs (2B, T), evaluated now
         (inside the adapter-off context) and cut from any gradient."""
         model, context = self._reference()
         with context:
-            hidden = model.model(ids)
-            logps, _ = token_logps(model, hidden, tg)
-            rows = completion_rows(hidden, tg)
+            hidden = fwd.hidden(model)
+            logps, _ = token_logps(model, hidden, fwd.targets, fwd.shape)
+            rows = completion_rows(hidden, fwd.targets)
             mx.eval(logps, rows)
         return model, mx.stop_gradient(rows), mx.stop_gradient(logps)
 
     def _reference_inputs(
-        self, batch: PairBatch, ids: mx.array, tg: Targets, objective: Objective, ref: Any
+        self, batch: PairBatch, fwd: Forward, objective: Objective, ref: Any
     ) -> _RefInputs:
         """What the objective needs of the reference: KL losses always recompute it (the KL
         needs the reference's full distribution), others use ``ref`` when given."""
         if objective.needs_kl:
-            model, rows, logps = self._reference_forward(ids, tg)
+            model, rows, logps = self._reference_forward(fwd)
             return split_rows(logps, batch.size), (model, rows)
         if not objective.needs_reference:
             return None, None
         if ref is None:
-            return split_rows(self._reference_forward(ids, tg)[2], batch.size), None
+            return split_rows(self._reference_forward(fwd)[2], batch.size), None
         for given, side in zip(ref, (batch.chosen_ids, batch.rejected_ids), strict=True):
             if np.shape(given) != side.shape:
                 raise TabpoError(
@@ -147,17 +148,15 @@ class MlxBackend:
 
     def _loss_fn(self, batch: PairBatch, objective: Objective, ref: Any, scale: float):
         """``f() -> (scale * loss, (loss, per_pair, metrics))``, the policy forward inside."""
-        ids_np, _, mask = concat_sides(batch)
-        tg = targets(ids_np, mask)
-        ids = mx.array(ids_np.astype(np.int32))
-        ref_logps, kl_ref = self._reference_inputs(batch, ids, tg, objective, ref)
+        fwd = Forward(batch, self.prefix_sharing)
+        ref_logps, kl_ref = self._reference_inputs(batch, fwd, objective, ref)
         rc, rr = ref_logps if ref_logps is not None else (None, None)
         masks = [as_mx(batch.chosen_mask), as_mx(batch.rejected_mask)]
         weights = [as_mx(batch.chosen_weights), as_mx(batch.rejected_weights)]
         model = self._policy
 
         def f() -> tuple[mx.array, tuple[mx.array, mx.array, dict[str, mx.array]]]:
-            logps, kl = token_logps(model, model.model(ids), tg, kl_ref)
+            logps, kl = token_logps(model, fwd.hidden(model), fwd.targets, fwd.shape, kl_ref)
             pc, pr = split_rows(logps, batch.size)
             ckl, rkl = split_rows(kl, batch.size) if kl is not None else (None, None)
             per_pair, metrics = objective(pc, pr, rc, rr, *masks, *weights, ckl, rkl)
@@ -169,24 +168,21 @@ class MlxBackend:
     @staticmethod
     def _result(batch: PairBatch, loss: mx.array, per_pair: mx.array, metrics: dict) -> StepResult:
         mx.eval(loss, per_pair, [v for v in metrics.values() if isinstance(v, mx.array)])
-        tokens = concat_sides(batch)[1].sum()
         return StepResult(
             loss=to_float(loss),
             metrics={k: to_float(v) for k, v in metrics.items()},
             per_pair=to_numpy(per_pair),
-            tokens=int(tokens),
+            tokens=batch.tokens,
         )
 
     def logps(self, batch: PairBatch, *, reference: bool = False) -> RefLogps:
-        ids_np, _, mask = concat_sides(batch)
-        tg = targets(ids_np, mask)
-        ids = mx.array(ids_np.astype(np.int32))
+        fwd = Forward(batch, self.prefix_sharing)
         if reference:
-            logps = self._reference_forward(ids, tg)[2]
+            logps = self._reference_forward(fwd)[2]
         else:
             model = self._policy
             model.eval()
-            logps, _ = token_logps(model, model.model(ids), tg)
+            logps, _ = token_logps(model, fwd.hidden(model), fwd.targets, fwd.shape)
         chosen, rejected = split_rows(logps, batch.size)
         return to_numpy(chosen), None if rejected is None else to_numpy(rejected)
 

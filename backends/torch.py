@@ -47,6 +47,7 @@ class TorchBackend:
         self.optimizer: torch.optim.Optimizer | None = None
         self.device = torch.device("cpu")
         self.lora = True
+        self.prefix_sharing = "auto"
         self._initial = True  # the weights are still those loaded
 
     # -- loading ---------------------------------------------------------------------------
@@ -57,6 +58,7 @@ class TorchBackend:
         self.device = loading.pick_device(options.device)
         model = loading.load_causal_lm(options.path, dtype, self.device)
         self.lora = options.finetune == "lora"
+        self.prefix_sharing = options.prefix_sharing
         self.optimizer, self._initial = None, True
         self.reference = self.tokenizer = None
         if self.lora:
@@ -84,12 +86,12 @@ class TorchBackend:
     # -- log-probs -------------------------------------------------------------------------
 
     def logps(self, batch: PairBatch, *, reference: bool = False) -> RefLogps:
-        inputs = DeviceBatch(batch, self.device)
+        inputs = DeviceBatch(batch, self.device, self.prefix_sharing)
         with torch.no_grad(), _mode(self._net, training=False):
             if reference:
                 rows, head = self._reference_rows(inputs)
             else:
-                rows = completion_hidden(self._lm, inputs.ids, inputs.attention, inputs.hidden)
+                rows = completion_hidden(self._lm, inputs)
                 head = self._lm.get_output_embeddings()
             chosen, rejected = inputs.sides(token_logps(rows, head, inputs.target))
         return params.to_numpy(chosen), None if rejected is None else params.to_numpy(rejected)
@@ -119,7 +121,7 @@ class TorchBackend:
     def _reference_rows(self, inputs: DeviceBatch) -> tuple[Tensor, nn.Module]:
         """Reference hidden states (K, H) at the completion positions, and its LM head."""
         with torch.no_grad(), self._reference_model() as ref:
-            rows = completion_hidden(ref, inputs.ids, inputs.attention, inputs.hidden)
+            rows = completion_hidden(ref, inputs)
             return rows, ref.get_output_embeddings()
 
     def _reference_logps(self, inputs: DeviceBatch) -> tuple[Tensor, Tensor]:
@@ -137,13 +139,13 @@ class TorchBackend:
         head = self._lm.get_output_embeddings()
         if objective.needs_kl:
             ref_rows, ref_head = self._reference_rows(inputs)
-            rows = completion_hidden(self._lm, inputs.ids, inputs.attention, inputs.hidden)
+            rows = completion_hidden(self._lm, inputs)
             lp, ref_lp, kl = token_logps_and_kl(rows, ref_rows, head, ref_head, inputs.target)
             return inputs.sides(lp), inputs.sides(ref_lp), inputs.sides(kl)
         reference = None
         if objective.needs_reference:
             reference = self._reference_logps(inputs) if ref is None else inputs.given(ref)
-        rows = completion_hidden(self._lm, inputs.ids, inputs.attention, inputs.hidden)
+        rows = completion_hidden(self._lm, inputs)
         return inputs.sides(token_logps(rows, head, inputs.target)), reference, None
 
     # -- steps -----------------------------------------------------------------------------
@@ -151,7 +153,7 @@ class TorchBackend:
     def _step(
         self, batch: PairBatch, objective: Objective, ref: RefLogps | None
     ) -> tuple[StepResult, Tensor]:
-        inputs = DeviceBatch(batch, self.device)
+        inputs = DeviceBatch(batch, self.device, self.prefix_sharing)
         (pc, pr), reference, kl = self._terms(inputs, objective, ref)
         rc, rr = reference if reference is not None else (None, None)
         kc, kr = kl if kl is not None else (None, None)
@@ -166,7 +168,7 @@ class TorchBackend:
             loss=_float(loss),
             metrics={k: _float(v) for k, v in metrics.items()},
             per_pair=params.to_numpy(per_pair),
-            tokens=int(inputs.attention.sum()),
+            tokens=batch.tokens,
         )
         return result, loss
 

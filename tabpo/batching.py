@@ -40,6 +40,12 @@ class PairBatch:
     def size(self) -> int:
         return int(self.chosen_ids.shape[0])
 
+    @property
+    def tokens(self) -> int:
+        """Prompt + completion tokens of both sides (what a separate forward of each runs)."""
+        rejected = 0 if self.rejected_attention_mask is None else self.rejected_attention_mask.sum()
+        return int(self.chosen_attention_mask.sum() + rejected)
+
 
 def collate(pairs: Sequence[EncodedPair], pad_id: int) -> PairBatch:
     """Right-pad pairs to one common length T = max over pairs and sides of prompt+completion."""
@@ -111,17 +117,20 @@ def _pad(
 
 @dataclass(frozen=True)
 class Targets:
-    """Where the completion tokens of a (N, T) id matrix are, for a gathered LM head.
+    """Where the completion tokens of a forward are, for a gathered LM head.
 
-    The log-prob of token t comes from the hidden state at t - 1, so a backend computes
-    logits only for ``hidden_index`` rows of the flattened (N*T, H) hidden states, takes
-    the log-prob of ``target_ids``, and scatters the results to ``out_index`` of a zero
-    (N*T,) vector: a (N, T) log-prob matrix aligned with the masks.
+    The log-prob of token t comes from the hidden state that precedes it, so a backend
+    computes logits only for the U ``hidden_index`` rows of the flattened hidden states,
+    takes the log-prob of ``target_ids``, and places value ``source[k]`` at ``out_index[k]``
+    of a zero (N*T,) vector: a (N, T) log-prob matrix aligned with the masks. In the plain
+    layout U = K and ``source`` is 0..K-1; the shared-prefix layout (``tabpo.layout``)
+    computes a token both sides share once and places it twice.
     """
 
-    hidden_index: np.ndarray  # (K,) int64, flat index b*T + t - 1
-    target_ids: np.ndarray  # (K,) int64, ids[b, t]
-    out_index: np.ndarray  # (K,) int64, flat index b*T + t
+    hidden_index: np.ndarray  # (U,) int64, flat hidden row, b*T + t - 1 in the plain layout
+    target_ids: np.ndarray  # (U,) int64, the token each row predicts
+    out_index: np.ndarray  # (K,) int64, flat index b*T + t into the (N, T) output
+    source: np.ndarray  # (K,) int64, which of the U values goes to out_index[k]
 
 
 def targets(ids: np.ndarray, mask: np.ndarray) -> Targets:
@@ -133,6 +142,7 @@ def targets(ids: np.ndarray, mask: np.ndarray) -> Targets:
         hidden_index=(rows * width + cols - 1).astype(np.int64),
         target_ids=ids[rows, cols].astype(np.int64),
         out_index=(rows * width + cols).astype(np.int64),
+        source=np.arange(len(rows), dtype=np.int64),
     )
 
 

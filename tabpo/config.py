@@ -20,6 +20,7 @@ import yaml
 
 from tabpo import losses
 from tabpo.errors import TabpoError
+from tabpo.layout import SHARING
 from tabpo.schedule import SCHEDULES
 from tabpo.weights import ALIGNMENTS, DEFAULT_FIELD_WEIGHTS
 
@@ -78,6 +79,12 @@ class TrainConfig:
         None, "Precompute reference log-probs once (default: on where the loss allows).", "Model"
     )
     ref_cache_dir: str | None = opt(None, "Reference cache (default ~/.cache/tabpo/ref).", "Model")
+    prefix_sharing: str = opt(
+        "auto",
+        "One forward per pair, forked where chosen and rejected part: auto (when it saves "
+        "work), on or off.",
+        "Model",
+    )
     # -- optimisation
     learning_rate: float = opt(2e-4, "Peak learning rate (AdamW).", "Optimizer")
     epochs: float = opt(3.0, "Epochs (ignored when --max-steps is given).", "Optimizer")
@@ -206,6 +213,7 @@ def validate(c: TrainConfig) -> None:
     need(c.finetune in ("lora", "full"), "--finetune must be lora or full")
     need(c.dtype in ("float32", "bfloat16", "float16"), "--dtype must be float32|bfloat16|float16")
     need(c.align in ALIGNMENTS, f"--align must be one of {', '.join(ALIGNMENTS)}")
+    need(c.prefix_sharing in SHARING, f"--prefix-sharing must be one of {', '.join(SHARING)}")
     need(c.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}")
     c.loss_hparams()  # unknown loss or a hyperparameter it does not take
     c.field_weight_map()

@@ -121,6 +121,7 @@ def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = No
             device=c.device,
             ref_path=c.ref_model,
             keep_reference=objective.needs_reference and not precompute,
+            prefix_sharing=c.prefix_sharing,
         )
     )
     if c.finetune == "lora":  # the same start on every backend, whatever its own init

@@ -68,6 +68,7 @@ def broken_family(model_dir, tmp_path):
         (["--loss", "tdpo", "--precompute-ref"], "needs the full-vocabulary KL"),
         (["--loss", "dpo", "--tau", "0.9"], "loss 'dpo' has no hyperparameter 'tau'"),
         (["--backend", "jax"], "--backend must be one of"),
+        (["--prefix-sharing", "always"], "--prefix-sharing must be one of auto, on, off"),
         (["--model", "/nonexistent/model"], "model directory not found"),
         (["--config", "/nonexistent.yaml"], "cannot read config"),
     ],
