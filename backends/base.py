@@ -147,6 +147,11 @@ class Backend(Protocol):
 
     def seed(self, seed: int) -> None: ...
 
+    def drop_reference(self) -> None:
+        """Free a separate reference model (full fine-tuning, ``ref_path``) once its
+        log-probs are precomputed, so training holds one model; asking for the reference
+        afterwards is an error. A no-op under LoRA (the reference is the adapter off)."""
+
     def peak_memory_gb(self) -> float: ...
 
     def generate(

@@ -291,5 +291,9 @@ class MlxBackend:
         self._policy.eval()
         return greedy(self._policy, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
 
+    def drop_reference(self) -> None:
+        self._reference_model = None
+        mx.clear_cache()
+
     def peak_memory_gb(self) -> float:
         return mx.get_peak_memory() / 1e9

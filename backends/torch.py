@@ -274,6 +274,14 @@ class TorchBackend:
         return greedy(self.model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                       pad_id=stop_ids[0], device=self.device)  # fmt: skip
 
+    def drop_reference(self) -> None:
+        if self.reference is None:
+            return
+        self.reference = None
+        self._initial = False  # nor may the policy stand in for a reference model now
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def peak_memory_gb(self) -> float:
         """Peak CUDA allocation on a GPU, else the process's peak resident set size."""
         if self.device.type == "cuda":

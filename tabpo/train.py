@@ -131,6 +131,7 @@ def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = No
         run.ref_train = reference_table(run, train_data, name="train")
         if eval_data:
             run.ref_eval = reference_table(run, eval_data, name="eval")
+        backend.drop_reference()  # a --ref-model is not needed again
     backend.setup_optimizer(OptimizerSettings(weight_decay=c.weight_decay))
     if checkpoint is not None and resumed is not None:
         backend.load_state(checkpoint)

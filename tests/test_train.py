@@ -14,6 +14,9 @@ from helpers import build_tiny_model, write_pairs
 
 from tabpo import config as cfg
 from tabpo.backends import get_backend
+from tabpo.batching import collate
+from tabpo.data import read_preferences
+from tabpo.encoding import encode_pairs, load_tokenizer, pad_id
 from tabpo.errors import TabpoError
 from tabpo.train import Callbacks, NonFiniteLoss, train
 
@@ -231,3 +234,18 @@ def test_sft_on_prompt_completion_data(backend, model_dir, tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
     with pytest.raises(TabpoError, match="needs chosen and rejected pairs"):
         train(cfg.build({}, {**c.to_dict(), "loss": "dpo", "force": True}), get_backend(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_precomputed_ref_model_is_not_kept(backend, model_dir, data, tmp_path):
+    """Full fine-tuning against --ref-model with precomputed log-probs: the reference model
+    is freed once its log-probs are in the table (one model in memory while training)."""
+    ref = build_tiny_model(tmp_path / "ref", "llama", seed=3)
+    c = config(model_dir, data, tmp_path, backend=backend, finetune="full", ref_model=str(ref),
+               learning_rate=1e-3, max_steps=1)  # fmt: skip
+    run = train(c, get_backend(backend))
+    assert getattr(run.backend, "reference", getattr(run.backend, "_reference_model", None)) is None
+    tokenizer = load_tokenizer(model_dir)
+    pairs, _ = encode_pairs(tokenizer, read_preferences(data[0])[0])
+    with pytest.raises(TabpoError, match="reference"):
+        run.backend.logps(collate(pairs[:2], pad_id(tokenizer)), reference=True)
