@@ -6,7 +6,7 @@ VENV ?= .venv
 # macOS, chosen by the markers of the `mlx` extra in pyproject.toml.
 TORCH_PIN := $(if $(filter Linux,$(shell uname -s)),torch==2.13.0,)
 
-.PHONY: test lint setup demo
+.PHONY: test lint setup demo bench
 
 setup: $(VENV)/.installed
 
@@ -27,3 +27,10 @@ lint: setup
 # The main job: the embedded benchmark, SFT vs DPO vs TAB-PO, offline (report in tabpo-demo/).
 demo: setup
 	$(VENV)/bin/tabpo demo --out tabpo-demo --force
+
+# The speed benchmark against TRL and mlx-lm-lora (benchmarks/RESULTS.md); ~35 min on 2 cores.
+# On Linux, MLX is also timed with the system OpenBLAS preloaded if it is installed
+# (Debian: apt-get install libopenblas0-pthread).
+bench: setup
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_PIN) -e '.[torch,mlx,bench]'
+	$(VENV)/bin/python -m benchmarks.bench --out bench-results --steps 5 --warmup 2

@@ -53,6 +53,24 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device) -> nn.Mo
     return model.to(device)
 
 
+# How each attention implementation takes the forked layout's (R, 1, L, L) mask: sdpa a
+# boolean one (True = attend, 1 byte per entry), eager an additive one; the others
+# (flash-attention, flex, paged) take no arbitrary mask, so the layout cannot fork there.
+FORK_MASKS = {"sdpa": "bool", "eager": "additive"}
+
+
+def fork_mask_kind(model: nn.Module, sharing: str) -> tuple[str, str | None]:
+    """``sharing`` as the model allows it, and the kind of fork mask its attention takes."""
+    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    kind = FORK_MASKS.get(implementation)
+    if kind is None and sharing == "on":
+        raise TabpoError(
+            f"--prefix-sharing on needs sdpa or eager attention; the model uses "
+            f"{implementation!r} (use --prefix-sharing off or auto)"
+        )
+    return (sharing if kind else "off"), kind
+
+
 def check_options(options: ModelOptions) -> None:
     if options.finetune not in FINETUNE_MODES:
         raise TabpoError(

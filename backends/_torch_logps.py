@@ -31,9 +31,16 @@ class DeviceBatch:
     """One batch on the device: the decoder inputs of its layout (plain (2B, T) or forked,
     ``tabpo.layout``) and the completion targets."""
 
-    def __init__(self, batch: PairBatch, device: torch.device, sharing: str = "auto") -> None:
+    def __init__(
+        self,
+        batch: PairBatch,
+        device: torch.device,
+        sharing: str = "auto",
+        mask_kind: str | None = "bool",
+    ) -> None:
         lay = layout(batch, sharing)
         self.device = device
+        self.mask_kind = mask_kind
         self.layout = lay
         self.shape = lay.shape
         self.pairs = batch.size
@@ -46,17 +53,22 @@ class DeviceBatch:
 
     def decoder_inputs(self, dtype: torch.dtype) -> dict[str, Tensor]:
         """Keyword arguments of the decoder: the 2-D padding mask of the plain layout, or
-        the forked layout's position ids and additive (R, 1, L, L) mask in ``dtype``."""
+        the forked layout's position ids and (R, 1, L, L) mask: boolean (sdpa) or additive
+        in ``dtype`` (eager)."""
         lay = self.layout
         if lay.segments is None or lay.positions is None:
             return {"input_ids": self.ids, "attention_mask": self.attention}
+        if self.mask_kind is None:
+            raise TabpoError("this model's attention takes no fork mask: prefix sharing is off")
         segments = torch.from_numpy(lay.segments).to(self.device)
         order = torch.arange(segments.shape[1], device=self.device)
-        allowed = fork_mask(segments, order)[:, None]  # (R, 1, L, L)
-        blocked = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
-        blocked.masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = fork_mask(segments, order)[:, None]  # (R, 1, L, L), True = attend
+        if self.mask_kind == "additive":
+            allowed = mask
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         positions = torch.from_numpy(lay.positions).to(self.device)
-        return {"input_ids": self.ids, "attention_mask": blocked, "position_ids": positions}
+        return {"input_ids": self.ids, "attention_mask": mask, "position_ids": positions}
 
     def sides(self, values: Tensor) -> tuple[Tensor, Tensor | None]:
         """(U,) per-target values as chosen (B, T) and rejected (B, T) (None in a

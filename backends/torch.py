@@ -48,6 +48,7 @@ class TorchBackend:
         self.device = torch.device("cpu")
         self.lora = True
         self.prefix_sharing = "auto"
+        self.mask_kind: str | None = "bool"  # how the attention takes a fork mask
         self._initial = True  # the weights are still those loaded
 
     # -- loading ---------------------------------------------------------------------------
@@ -58,7 +59,7 @@ class TorchBackend:
         self.device = loading.pick_device(options.device)
         model = loading.load_causal_lm(options.path, dtype, self.device)
         self.lora = options.finetune == "lora"
-        self.prefix_sharing = options.prefix_sharing
+        self.prefix_sharing, self.mask_kind = loading.fork_mask_kind(model, options.prefix_sharing)
         self.optimizer, self._initial = None, True
         self.reference = self.tokenizer = None
         if self.lora:
@@ -86,7 +87,7 @@ class TorchBackend:
     # -- log-probs -------------------------------------------------------------------------
 
     def logps(self, batch: PairBatch, *, reference: bool = False) -> RefLogps:
-        inputs = DeviceBatch(batch, self.device, self.prefix_sharing)
+        inputs = DeviceBatch(batch, self.device, self.prefix_sharing, self.mask_kind)
         with torch.no_grad(), _mode(self._net, training=False):
             if reference:
                 rows, head = self._reference_rows(inputs)
@@ -153,7 +154,7 @@ class TorchBackend:
     def _step(
         self, batch: PairBatch, objective: Objective, ref: RefLogps | None
     ) -> tuple[StepResult, Tensor]:
-        inputs = DeviceBatch(batch, self.device, self.prefix_sharing)
+        inputs = DeviceBatch(batch, self.device, self.prefix_sharing, self.mask_kind)
         (pc, pr), reference, kl = self._terms(inputs, objective, ref)
         rc, rr = reference if reference is not None else (None, None)
         kc, kr = kl if kl is not None else (None, None)

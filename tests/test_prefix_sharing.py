@@ -23,6 +23,7 @@ from tabpo.backends import get_backend
 from tabpo.backends.base import LoraSettings, ModelOptions
 from tabpo.batching import collate
 from tabpo.encoding import EncodedPair
+from tabpo.errors import TabpoError
 from tabpo.layout import fork_layout, fork_mask, layout, plain_layout
 
 REL = 1e-5
@@ -186,3 +187,32 @@ def test_forked_forward_equals_separate_forward(backend_name, model_dir):
             close(gf[key], gp[key], f"{backend_name} {name} gradient {key}", rel=1e-4)
         flat = [np.concatenate([g[k].ravel() for k in sorted(g)]) for g in (gf, gp)]
         close(*flat, f"{backend_name} {name} gradient (all parameters)")
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_torch_fork_mask_for_each_attention_implementation(model_dir, implementation):
+    """sdpa takes the boolean fork mask, eager the additive one: both give the plain
+    layout's log-probs; an attention that takes no mask never forks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tabpo.backends._torch_load import fork_mask_kind
+    from tabpo.backends._torch_logps import DeviceBatch, completion_hidden, token_logps
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=implementation)
+    sharing, kind = fork_mask_kind(model, "on")
+    assert (sharing, kind) == ("on", "bool" if implementation == "sdpa" else "additive")
+    batch = collate(cases(), PAD)
+    got = []
+    with torch.no_grad():
+        for mode in ("on", "off"):
+            inputs = DeviceBatch(batch, torch.device("cpu"), mode, kind)
+            rows = completion_hidden(model, inputs)
+            head = model.get_output_embeddings()
+            got.append([x.numpy() for x in inputs.sides(token_logps(rows, head, inputs.target))])
+    for side, a, b in zip(("chosen", "rejected"), *got, strict=True):
+        close(a, b, f"torch {implementation} {side} log-probs")
+    model.config._attn_implementation = "flash_attention_2"
+    assert fork_mask_kind(model, "auto") == ("off", None)
+    with pytest.raises(TabpoError, match="needs sdpa or eager attention"):
+        fork_mask_kind(model, "on")

@@ -1,0 +1,510 @@
+"""Training speed of tabpo (torch and MLX) against TRL's DPOTrainer and mlx-lm-lora's DPO.
+
+    python -m benchmarks.bench --out bench-results            # small + large fixture, sweep
+    python -m benchmarks.bench --out bench-results --quick    # small fixture only, fewer steps
+
+Every runner trains the same fixture (``benchmarks/fixture.py``) with the same LoRA (rank
+16, alpha 32, dropout 0, all 7 projections), batch, learning rate and float32 weights, in
+its own subprocess (so peak memory is its own), for ``--warmup`` untimed and ``--steps``
+timed optimizer steps. tabpo runs through its real training loop (``tabpo.train.train``,
+the code ``tabpo train`` runs); a step is timed from the end of the previous one to the end
+of this one, so it includes batching, the forward/backward, the optimizer and logging.
+
+Printed and written (``results.json``, ``results.md`` in ``--out``): median step time,
+pairs/s, tokens/s (prompt + completion tokens of both sides, the same count for every
+runner, whatever each one actually runs), peak memory, first and last loss, every runner's
+pairs/s over TRL's default (gradient checkpointing on), and each runner's fraction of the
+float32 matmul ceiling measured in the same run (torch, on the device torch trains on):
+
+    fraction = pairs/s x F N tokens_run / matmul FLOP/s
+
+with N the model's parameters, F N the FLOPs per token of the runner's step (F = 4 for a
+LoRA forward and backward on a frozen base, +2 for a reference forward each step, +2 for
+the forward gradient checkpointing repeats: ``flops_per_token``) and ``tokens_run`` the
+tokens per pair its forward actually runs (the shared prefix once for a forked tabpo
+runner). It counts the LM head on every position, which tabpo skips, so it is an
+estimate. MLX runners run on the small fixture only (Linux CPU is slow for MLX), once
+with MLX's bundled BLAS and once with the system OpenBLAS preloaded (``LD_PRELOAD``, ECOSYSTEM.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.fixture import FixtureSpec, build
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libblas.so.3"
+LORA = {"lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0}
+LEARNING_RATE = 1e-5
+BETA = 0.1
+
+
+@dataclass(frozen=True)
+class Runner:
+    """One configuration to time: ``tool`` tabpo | trl | mlx-lm-lora."""
+
+    name: str
+    tool: str
+    backend: str = "torch"
+    loss: str = "tabpo"
+    sharing: str = "auto"
+    precompute: bool = True
+    trl_mode: str = ""
+    blas: str = "default"  # MLX only: default | openblas
+
+
+def torch_runners() -> list[Runner]:
+    return [
+        Runner("tabpo torch, TAB-PO (default: sharing auto, ref precomputed)", "tabpo"),
+        Runner("tabpo torch, TAB-PO, no prefix sharing", "tabpo", sharing="off"),
+        Runner("tabpo torch, TAB-PO, ref each step", "tabpo", precompute=False),
+        Runner("tabpo torch, TAB-PO, no sharing, ref each step", "tabpo", sharing="off",
+               precompute=False),
+        Runner("tabpo torch, DPO", "tabpo", loss="dpo"),
+        Runner("tabpo torch, DPO, no sharing, ref each step", "tabpo", loss="dpo",
+               sharing="off", precompute=False),
+        Runner("TRL DPOTrainer, grad. checkpointing on (default)", "trl", trl_mode="gc_on"),
+        Runner("TRL DPOTrainer, grad. checkpointing off", "trl", trl_mode="gc_off"),
+        Runner("TRL DPOTrainer, precompute_ref_log_probs", "trl", trl_mode="precompute"),
+    ]  # fmt: skip
+
+
+def mlx_runners(blas: str) -> list[Runner]:
+    tag = "OpenBLAS" if blas == "openblas" else "MLX BLAS"
+    return [
+        Runner(f"tabpo MLX, TAB-PO [{tag}]", "tabpo", backend="mlx", blas=blas),
+        Runner(f"tabpo MLX, DPO [{tag}]", "tabpo", backend="mlx", loss="dpo", blas=blas),
+        Runner(f"mlx-lm-lora DPO [{tag}]", "mlx-lm-lora", blas=blas),
+    ]
+
+
+# -- one runner, inside its own subprocess -----------------------------------------------
+
+
+def run_tabpo(r: Runner, fixture: Path, steps: int, warmup: int, batch: int) -> dict[str, Any]:
+    """tabpo's own training loop, timed between the loop's per-step callbacks."""
+    from tabpo import config as cfg
+    from tabpo.backends import get_backend
+    from tabpo.run import Callbacks
+    from tabpo.train import train
+
+    class Clock(Callbacks):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+            self.losses: list[float] = []
+
+        def phase(self, name: str, total: int) -> None:
+            if name == "train":
+                self.marks.append(time.perf_counter())
+
+        def advance(self, phase: str, n: int = 1) -> None:
+            if phase == "train":
+                self.marks.append(time.perf_counter())
+
+        def log(self, record: dict[str, Any]) -> None:
+            if "loss" in record:
+                self.losses.append(float(record["loss"]))
+
+    start = time.perf_counter()
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        c = cfg.TrainConfig(
+            model=str(fixture / "model"), data=str(fixture / "pairs.jsonl"),
+            output=str(Path(tmp) / "out"), backend=r.backend, loss=r.loss,
+            prefix_sharing=r.sharing, precompute_ref=r.precompute,
+            ref_cache_dir=str(Path(tmp) / "ref"), batch_size=batch,
+            gradient_accumulation_steps=1, max_steps=warmup + steps,
+            learning_rate=LEARNING_RATE, lr_scheduler="constant", warmup_steps=0,
+            max_length=8192, dtype="float32", seed=0, **LORA,
+        )  # fmt: skip
+        run = train(c, get_backend(r.backend), clock)
+        peak = run.backend.peak_memory_gb()
+    times = [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)]
+    return {
+        "step_times": times[warmup:],
+        "losses": clock.losses,
+        "peak_memory_gb": peak,
+        "setup_s": clock.marks[0] - start,
+        "notes": "",
+    }
+
+
+def run_one(r: Runner, fixture: Path, steps: int, warmup: int, batch: int) -> dict[str, Any]:
+    if r.tool == "tabpo":
+        return run_tabpo(r, fixture, steps, warmup, batch)
+    from benchmarks import third_party
+
+    if r.tool == "trl":
+        return third_party.run_trl(
+            fixture, mode=r.trl_mode, steps=steps, warmup=warmup, batch_size=batch
+        )
+    return third_party.run_mlx_lm_lora(fixture, steps=steps, warmup=warmup, batch_size=batch)
+
+
+# -- the orchestrator ----------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    runner: Runner
+    fixture: str
+    median_step_s: float = float("nan")
+    pairs_per_s: float = float("nan")
+    tokens_per_s: float = float("nan")
+    peak_memory_gb: float = float("nan")
+    first_loss: float = float("nan")
+    last_loss: float = float("nan")
+    setup_s: float = float("nan")
+    vs_trl_default: float = float("nan")
+    ceiling_fraction: float = float("nan")
+    error: str = ""
+    notes: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def spawn(r: Runner | None, fixture: Path, steps: int, warmup: int, batch: int) -> dict[str, Any]:
+    """Run ``r`` (None: the DPO first-batch check) in a fresh interpreter; its last stdout
+    line is its JSON result."""
+    env = dict(os.environ)
+    if r is not None and r.blas == "openblas":
+        env["LD_PRELOAD"] = OPENBLAS
+    spec: dict[str, Any] = {"fixture": str(fixture), "steps": steps, "warmup": warmup,
+                            "batch": batch}  # fmt: skip
+    if r is not None:
+        spec["runner"] = asdict(r)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench", "--one", json.dumps(spec)],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
+    return json.loads(lines[-1])
+
+
+def pair_tokens(fixture: Path) -> tuple[float, float]:
+    """Mean tokens per pair as tabpo encodes them: prompt + completion of both sides (what
+    a separate forward of each side runs), and what the forked forward runs (the shared
+    prefix once)."""
+    from tabpo.data import read_preferences
+    from tabpo.encoding import encode_pairs, load_tokenizer
+    from tabpo.layout import common_prefix
+
+    pairs, _ = encode_pairs(
+        load_tokenizer(fixture / "model"), read_preferences(fixture / "pairs.jsonl")[0],
+        max_length=8192,
+    )  # fmt: skip
+    both, forked = 0, 0
+    for p in pairs:
+        chosen = np.array(p.prompt_ids + p.chosen_ids)
+        rejected = np.array(p.prompt_ids + (p.rejected_ids or []))
+        both += len(chosen) + len(rejected)
+        forked += len(chosen) + len(rejected) - common_prefix(chosen, rejected)
+    return both / len(pairs), forked / len(pairs)
+
+
+def matmul_ceiling(size: int = 2048, repeats: int = 10) -> float:
+    """float32 matmul FLOP/s of the device torch trains on (a GPU if there is one, else the
+    CPU with all its threads), the best of ``repeats``."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        size *= 4
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
+
+
+def summarise(r: Runner, fixture: Path, raw: dict[str, Any], batch: int,
+              tokens: tuple[float, float], ceiling: float, parameters: int) -> Result:  # fmt: skip
+    res = Result(r, fixture.name, raw=raw, error=raw.get("error", ""), notes=raw.get("notes", ""))
+    times = raw.get("step_times") or []
+    if res.error or not times:
+        return res
+    res.median_step_s = statistics.median(times)
+    res.pairs_per_s = batch / res.median_step_s
+    res.tokens_per_s = res.pairs_per_s * tokens[0]
+    res.peak_memory_gb = raw["peak_memory_gb"]
+    res.first_loss, res.last_loss = raw["losses"][0], raw["losses"][-1]
+    res.setup_s = raw.get("setup_s", float("nan"))
+    forked = r.tool == "tabpo" and r.sharing != "off"  # auto forks every batch here
+    run = tokens[1] if forked else tokens[0]
+    res.ceiling_fraction = res.pairs_per_s * flops_per_token(r) * parameters * run / ceiling
+    return res
+
+
+def flops_per_token(r: Runner) -> int:
+    """FLOPs per parameter and token a runner's step needs (the usual 2N per token for a
+    forward): LoRA on a frozen base is a forward and a backward to the activations (4N),
+    plus a reference forward each step (2N) unless precomputed, plus the forward that
+    gradient checkpointing repeats (2N)."""
+    reference_each_step = {
+        "tabpo": not r.precompute,
+        "trl": r.trl_mode != "precompute",
+        "mlx-lm-lora": True,
+    }[r.tool]
+    return 4 + 2 * reference_each_step + 2 * (r.trl_mode == "gc_on")
+
+
+def table(results: list[Result]) -> str:
+    head = ("| runner | fixture | median step (s) | pairs/s | tokens/s | peak mem (GB) | "
+            "first loss | last loss | x TRL default | matmul ceiling |")  # fmt: skip
+    rows = [head, "|" + "---|" * 10]
+    for x in results:
+        if x.error:
+            rows.append(f"| {x.runner.name} | {x.fixture} | failed: {x.error[:120]} |" + " |" * 7)
+            continue
+        rows.append(
+            f"| {x.runner.name} | {x.fixture} | {x.median_step_s:.3f} | {x.pairs_per_s:.2f} | "
+            f"{x.tokens_per_s:.0f} | {x.peak_memory_gb:.2f} | {x.first_loss:.4f} | "
+            f"{x.last_loss:.4f} | {x.vs_trl_default:.2f} | {100 * x.ceiling_fraction:.1f}% |"
+        )
+    return "\n".join(rows)
+
+
+def bench_fixture(fixture: Path, runners: list[Runner], args: argparse.Namespace,
+                  ceiling: float, parameters: int) -> list[Result]:  # fmt: skip
+    tokens = pair_tokens(fixture)
+    results = []
+    for r in runners:
+        print(f"  {r.name} ...", file=sys.stderr, flush=True)
+        raw = spawn(r, fixture, args.steps, args.warmup, args.batch_size)
+        results.append(summarise(r, fixture, raw, args.batch_size, tokens, ceiling, parameters))
+        x = results[-1]
+        print(f"    {x.error or f'{x.median_step_s:.3f} s/step, {x.pairs_per_s:.2f} pairs/s'}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    base = next((x for x in results if x.runner.trl_mode == "gc_on" and not x.error), None)
+    for x in results:
+        x.vs_trl_default = x.pairs_per_s / base.pairs_per_s if base else float("nan")
+    return results
+
+
+def dpo_first_batch(fixture: Path, batch: int) -> dict[str, float]:
+    """Our DPO loss and TRL's on the first ``batch`` pairs of the file, the same non-zero
+    adapter loaded in both (saved by our torch backend in PEFT's format), no dropout."""
+    import numpy as np
+
+    from benchmarks.third_party import trl_first_batch_loss
+    from tabpo import losses
+    from tabpo.backends import get_backend
+    from tabpo.backends.base import LoraSettings, ModelOptions
+    from tabpo.batching import collate
+    from tabpo.data import read_preferences
+    from tabpo.encoding import encode_pairs, load_tokenizer, pad_id
+
+    tokenizer = load_tokenizer(fixture / "model")
+    examples = read_preferences(fixture / "pairs.jsonl")[0]
+    pairs, _ = encode_pairs(tokenizer, examples, max_length=8192)
+    backend = get_backend("torch")
+    lora = LoraSettings(LORA["lora_rank"], LORA["lora_alpha"], 0.0)
+    backend.load(ModelOptions(str(fixture / "model"), lora=lora))
+    rng = np.random.default_rng(0)
+    state = backend.trainable_state()
+    backend.load_trainable_state(
+        {k: (0.02 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in state.items()}
+    )
+    adapter = fixture / "adapter"
+    backend.save_weights(adapter)
+    objective = losses.get("dpo").bind(beta=BETA)
+    ours = backend.evaluate(collate(pairs[:batch], pad_id(tokenizer)), objective, None).loss
+    theirs = trl_first_batch_loss(fixture, adapter, batch)
+    return {"tabpo": ours, "trl": theirs, "abs_diff": abs(ours - theirs)}
+
+
+def objective_overhead(fixture: Path, batch: int, reps: int = 15) -> dict[str, float]:
+    """TAB-PO's cost over DPO's in our step, measured directly: one torch backend, one
+    batch, its reference log-probs given, ``forward_backward`` with each objective in
+    alternation (so drift in the machine's speed hits both alike); medians and ratio."""
+    from tabpo import losses
+    from tabpo.backends import get_backend
+    from tabpo.backends.base import LoraSettings, ModelOptions
+    from tabpo.batching import collate
+    from tabpo.data import read_preferences
+    from tabpo.encoding import encode_pairs, load_tokenizer, pad_id
+
+    tokenizer = load_tokenizer(fixture / "model")
+    examples = read_preferences(fixture / "pairs.jsonl")[0]
+    pairs, _ = encode_pairs(tokenizer, examples, max_length=8192)
+    backend = get_backend("torch")
+    backend.load(ModelOptions(str(fixture / "model"), lora=LoraSettings(16, 32.0, 0.0)))
+    data = collate(pairs[:batch], pad_id(tokenizer))
+    ref = backend.logps(data, reference=True)
+    objectives = {name: losses.get(name).bind() for name in ("dpo", "tabpo")}
+    times: dict[str, list[float]] = {name: [] for name in objectives}
+    for rep in range(reps + 2):  # two warm-up rounds
+        for name, objective in objectives.items():
+            start = time.perf_counter()
+            backend.forward_backward(data, objective, ref, 1.0)
+            if rep >= 2:
+                times[name].append(time.perf_counter() - start)
+            backend.zero_grad()
+    dpo, tabpo = (statistics.median(times[n]) for n in ("dpo", "tabpo"))
+    out = {"dpo_step_s": dpo, "tabpo_step_s": tabpo, "step_overhead": tabpo / dpo - 1}
+    # the objective alone (loss, metrics and its backward on the batch's (B, T) log-probs),
+    # which is all that differs between the two steps: steadier than the difference above
+    import torch
+
+    policy = [torch.tensor(x) for x in backend.logps(data)]
+    given = [torch.tensor(x) for x in ref]
+    masks = [torch.tensor(x) for x in (data.chosen_mask, data.rejected_mask,
+                                       data.chosen_weights, data.rejected_weights)]  # fmt: skip
+    for name, objective in objectives.items():
+        spent = []
+        for _ in range(50):
+            pc, pr = (x.clone().requires_grad_() for x in policy)
+            start = time.perf_counter()
+            per_pair, metrics = objective(pc, pr, *given, *masks, None, None)
+            per_pair.mean().backward()
+            [float(v.detach()) for v in metrics.values()]  # what the loop logs
+            spent.append(time.perf_counter() - start)
+        out[f"{name}_objective_s"] = statistics.median(spent)
+    out["objective_overhead"] = (out["tabpo_objective_s"] - out["dpo_objective_s"]) / dpo
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--sizes", default="small,large", help="fixtures, comma-separated")
+    parser.add_argument("--quick", action="store_true", help="small fixture only, 5 steps")
+    parser.add_argument("--no-mlx", action="store_true", help="skip the MLX runners")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the prompt-length sweep")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # inside a runner's subprocess
+        spec = json.loads(args.one)
+        fixture = Path(spec["fixture"])
+        if "check" in spec:
+            check = {"dpo": dpo_first_batch, "overhead": objective_overhead}[spec["check"]]
+            print(json.dumps(check(fixture, spec["batch"])))
+            return
+        raw = run_one(Runner(**spec["runner"]), fixture, spec["steps"], spec["warmup"],
+                      spec["batch"])  # fmt: skip
+        print(json.dumps(raw))
+        return
+    if args.quick:
+        args.steps, args.warmup = 5, 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    ceiling = matmul_ceiling()
+    print(f"float32 matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    mlx = [] if args.no_mlx else mlx_runners("default")
+    if not args.no_mlx and platform.system() == "Linux" and Path(OPENBLAS).exists():
+        mlx += mlx_runners("openblas")
+    results, fixtures = [], {}
+    sizes = ["small"] if args.quick else args.sizes.split(",")
+    for size in sizes:
+        fixture = args.out / f"fixture-{size}"
+        fixtures[size] = build(fixture, FixtureSpec(size=size, pairs=args.pairs))
+        print(f"fixture {size}: {fixtures[size]}", file=sys.stderr)
+        runners = torch_runners() + (mlx if size == "small" else [])
+        results += bench_fixture(fixture, runners, args, ceiling, int(fixtures[size]["parameters"]))
+    check = spawn("dpo", args.out / f"fixture-{sizes[0]}", 0, 0, args.batch_size)
+    overhead = {size: spawn("overhead", args.out / f"fixture-{size}", 0, 0, args.batch_size)
+                for size in sizes}  # fmt: skip
+    sweep = [] if args.no_sweep else prompt_sweep(args, ceiling)
+    report = {
+        "command": " ".join(["python -m benchmarks.bench", *sys.argv[1:]]),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "matmul_gflops": ceiling / 1e9,
+        },  # fmt: skip
+        "settings": {
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "batch_size": args.batch_size,
+            "lora": LORA,
+            "learning_rate": LEARNING_RATE,
+            "beta": BETA,
+        },  # fmt: skip
+        "fixtures": fixtures,
+        "results": [{**asdict(x), "runner": asdict(x.runner)} for x in results],
+        "dpo_first_batch": check,
+        "objective_overhead": overhead,
+        "sweep": sweep,
+        "seconds": time.perf_counter() - started,
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    text = render(report, results)
+    (args.out / "results.md").write_text(text)
+    print(text)
+
+
+def prompt_sweep(args: argparse.Namespace, ceiling: float) -> list[dict[str, Any]]:
+    """tabpo torch (TAB-PO, ref precomputed) with and without prefix sharing at prompt
+    lengths 128 / 512 / 1024 and 32 completion tokens (small model)."""
+    rows = []
+    for prompt in (128, 512, 1024):
+        fixture = args.out / f"fixture-sweep-{prompt}"
+        info = build(fixture, FixtureSpec(pairs=args.pairs, prompt_tokens=prompt))
+        on, off = (
+            Runner(f"tabpo torch, TAB-PO, sharing on, prompt {prompt}", "tabpo", sharing="on"),
+            Runner(f"tabpo torch, TAB-PO, sharing off, prompt {prompt}", "tabpo", sharing="off"),
+        )
+        got = bench_fixture(fixture, [on, off], args, ceiling, int(info["parameters"]))
+        on, off = got
+        rows.append({
+            "prompt_tokens": prompt, "completion_tokens": 32,
+            "on_pairs_per_s": on.pairs_per_s, "off_pairs_per_s": off.pairs_per_s,
+            "speedup": on.pairs_per_s / off.pairs_per_s,
+            "on_peak_gb": on.peak_memory_gb, "off_peak_gb": off.peak_memory_gb,
+        })  # fmt: skip
+    return rows
+
+
+def render(report: dict[str, Any], results: list[Result]) -> str:
+    lines = [f"`{report['command']}`", "",
+             f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
+             f"float32 matmul {report['machine']['matmul_gflops']:.1f} GFLOP/s. "
+             f"Settings: {json.dumps(report['settings'])}.", ""]  # fmt: skip
+    for size, info in report["fixtures"].items():
+        lines.append(f"Fixture {size}: {json.dumps(info)}")
+    lines += ["", table(results), ""]
+    check = report["dpo_first_batch"]
+    lines.append(f"DPO loss on the first batch (same adapter): {json.dumps(check)}")
+    for size, x in report["objective_overhead"].items():
+        lines.append(f"TAB-PO over DPO, forward_backward alternated ({size}): {json.dumps(x)}")
+    if report["sweep"]:
+        lines += [
+            "",
+            "| prompt tokens | sharing on pairs/s | off pairs/s | speed-up |",
+            "|---|---|---|---|",
+        ]
+        for row in report["sweep"]:
+            lines.append(f"| {row['prompt_tokens']} | {row['on_pairs_per_s']:.2f} | "
+                         f"{row['off_pairs_per_s']:.2f} | {row['speedup']:.2f}x |")  # fmt: skip
+    notes = {x.runner.name: x.notes for x in results if x.notes}
+    lines += ["", *[f"- {k}: {v}" for k, v in notes.items()]]
+    lines.append(f"\nTotal {report['seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
