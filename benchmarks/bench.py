@@ -175,16 +175,18 @@ class Result:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
-def spawn(r: Runner | None, fixture: Path, steps: int, warmup: int, batch: int) -> dict[str, Any]:
-    """Run ``r`` (None: the DPO first-batch check) in a fresh interpreter; its last stdout
-    line is its JSON result."""
+def spawn(r: Runner | str, fixture: Path, steps: int, warmup: int, batch: int) -> dict[str, Any]:
+    """Run ``r`` (or the check it names: "dpo", "overhead") in a fresh interpreter; its
+    last stdout line is its JSON result."""
     env = dict(os.environ)
-    if r is not None and r.blas == "openblas":
-        env["LD_PRELOAD"] = OPENBLAS
     spec: dict[str, Any] = {"fixture": str(fixture), "steps": steps, "warmup": warmup,
                             "batch": batch}  # fmt: skip
-    if r is not None:
+    if isinstance(r, str):
+        spec["check"] = r
+    else:
         spec["runner"] = asdict(r)
+        if r.blas == "openblas":
+            env["LD_PRELOAD"] = OPENBLAS
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench", "--one", json.dumps(spec)],
         capture_output=True, text=True, env=env, check=False,
@@ -425,6 +427,10 @@ def main() -> None:
         print(f"fixture {size}: {fixtures[size]}", file=sys.stderr)
         runners = torch_runners() + (mlx if size == "small" else [])
         results += bench_fixture(fixture, runners, args, ceiling, int(fixtures[size]["parameters"]))
+        partial = [{**asdict(x), "runner": asdict(x.runner)} for x in results]
+        (args.out / "partial.json").write_text(
+            json.dumps(partial, indent=2)
+        )  # if a later part fails
     check = spawn("dpo", args.out / f"fixture-{sizes[0]}", 0, 0, args.batch_size)
     overhead = {size: spawn("overhead", args.out / f"fixture-{size}", 0, 0, args.batch_size)
                 for size in sizes}  # fmt: skip
