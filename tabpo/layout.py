@@ -103,37 +103,27 @@ def fork_layout(batch: PairBatch) -> Layout:
     ids = np.zeros((pairs, length), dtype=np.int64)
     positions = np.zeros((pairs, length), dtype=np.int64)
     segments = np.full((pairs, length), PAD_SEGMENT, dtype=np.int64)
-    hidden: list[int] = []  # flat hidden row b*L + i that predicts each unique target
-    target_ids: list[int] = []
-    out: list[int] = []  # flat index into the (2B*T) plain matrix, per output value
-    source: list[int] = []  # which unique target each output value is
+    hidden, target_ids, out, source = [], [], [], []  # per pair, concatenated below
+    unique = 0  # distinct targets so far
     for b, (c, r, s) in enumerate(rows):
         lc, end = len(c), len(c) + len(r) - s
         ids[b, :lc], ids[b, lc:end] = c, r[s:]
         positions[b, :lc], positions[b, lc:end] = np.arange(lc), np.arange(s, len(r))
         segments[b, :s], segments[b, s:lc], segments[b, lc:end] = 0, 1, 2
-        shared: dict[int, int] = {}  # position t < S -> its unique target
-        for t in (np.flatnonzero(batch.chosen_mask[b, 1:]) + 1).tolist():
-            if t < s:
-                shared[t] = len(hidden)
-            source.append(len(hidden))
-            out.append(b * width + t)
-            hidden.append(b * length + t - 1)
-            target_ids.append(int(c[t]))
-        for t in (np.flatnonzero(batch.rejected_mask[b, 1:]) + 1).tolist():
-            out.append((pairs + b) * width + t)
-            if t in shared:
-                source.append(shared[t])
-                continue
-            source.append(len(hidden))
-            hidden.append(b * length + (t - 1 if t <= s else lc + t - 1 - s))
-            target_ids.append(int(r[t]))
-    tg = Targets(
-        hidden_index=np.array(hidden, dtype=np.int64),
-        target_ids=np.array(target_ids, dtype=np.int64),
-        out_index=np.array(out, dtype=np.int64),
-        source=np.array(source, dtype=np.int64),
-    )
+        tc = np.flatnonzero(batch.chosen_mask[b, 1:]) + 1  # completion positions, sorted
+        tr = np.flatnonzero(batch.rejected_mask[b, 1:]) + 1
+        shared = tr < s  # predicted from the shared prefix: the chosen side's value
+        tn = tr[~shared]  # the rejected suffix: its own rows (the first from row S-1)
+        hidden += [b * length + tc - 1, b * length + np.where(tn <= s, tn - 1, lc + tn - 1 - s)]
+        target_ids += [c[tc], r[tn]]
+        out += [b * width + tc, (pairs + b) * width + tr]
+        own = np.empty(len(tr), dtype=np.int64)
+        own[shared] = unique + np.searchsorted(tc, tr[shared])  # same prompt: tc holds them
+        own[~shared] = unique + len(tc) + np.arange(len(tn))
+        source += [unique + np.arange(len(tc)), own]
+        unique += len(tc) + len(tn)
+    flat = [np.concatenate(x).astype(np.int64) for x in (hidden, target_ids, out, source)]
+    tg = Targets(hidden_index=flat[0], target_ids=flat[1], out_index=flat[2], source=flat[3])
     attention = (segments != PAD_SEGMENT).astype(np.float32)
     return Layout(ids, attention, positions, segments, tg, shape=(2 * pairs, width))
 
