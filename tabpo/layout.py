@@ -70,9 +70,10 @@ def layout(batch: PairBatch, sharing: str = "auto") -> Layout:
         raise ValueError(f"prefix sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
     if sharing == "off" or batch.rejected_ids is None:
         return plain_layout(batch)
-    forked = fork_layout(batch)
-    if sharing == "on" or forked.ids.size <= AUTO_FORK_RATIO * 2 * batch.chosen_ids.size:
-        return forked
+    rows = _fork_rows(batch)
+    forked_size = batch.size * max(len(c) + len(r) - s for c, r, s in rows)
+    if sharing == "on" or forked_size <= AUTO_FORK_RATIO * 2 * batch.chosen_ids.size:
+        return fork_layout(batch, rows)
     return plain_layout(batch)
 
 
@@ -88,17 +89,26 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if differ.size else n
 
 
-def fork_layout(batch: PairBatch) -> Layout:
-    """The shared-prefix layout of a preference batch (see the module docstring)."""
-    assert batch.rejected_ids is not None and batch.rejected_mask is not None
-    assert batch.rejected_attention_mask is not None
-    pairs, width = batch.chosen_ids.shape
+def _fork_rows(batch: PairBatch) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Per pair: the chosen and rejected token ids (unpadded) and their common prefix S."""
+    assert batch.rejected_ids is not None and batch.rejected_attention_mask is not None
     lengths_c = batch.chosen_attention_mask.sum(1).astype(int)
     lengths_r = batch.rejected_attention_mask.sum(1).astype(int)
     rows = []
-    for b in range(pairs):
+    for b in range(batch.size):
         c, r = batch.chosen_ids[b, : lengths_c[b]], batch.rejected_ids[b, : lengths_r[b]]
         rows.append((c, r, common_prefix(c, r)))
+    return rows
+
+
+def fork_layout(
+    batch: PairBatch, rows: list[tuple[np.ndarray, np.ndarray, int]] | None = None
+) -> Layout:
+    """The shared-prefix layout of a preference batch (see the module docstring); ``rows``:
+    ``_fork_rows(batch)`` when the caller already has them."""
+    assert batch.rejected_mask is not None
+    rows = rows if rows is not None else _fork_rows(batch)
+    pairs, width = batch.chosen_ids.shape
     length = max(len(c) + len(r) - s for c, r, s in rows)
     ids = np.zeros((pairs, length), dtype=np.int64)
     positions = np.zeros((pairs, length), dtype=np.int64)
