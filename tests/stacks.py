@@ -57,3 +57,15 @@ def mlx_logps(model_dir, adapter=None, overrides=None):
     model, _ = load(str(model_dir), adapter_path=adapter and str(adapter), model_config=overrides)
     model.set_dtype(mx.float32)
     return log_softmax(np.array(model(mx.array(IDS))))
+
+
+def refused(result, dst, *needles):
+    """A CLI result that failed as bad input should: exit code 2, one ``error:`` line last
+    (a library's progress bar may precede it when the library was imported earlier), every
+    needle in the output, and nothing written at ``dst`` (no temporary directory either)."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.output.rstrip().endswith(errors[0]), result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+    assert not dst.exists() and not list(dst.parent.glob(f".{dst.name}.tmp-*"))

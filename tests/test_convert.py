@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 from helpers import build_tiny_model
-from stacks import close, f64, mlx_logps, tensors, torch_logps
+from stacks import close, f64, mlx_logps, refused, tensors, torch_logps
 from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
@@ -431,16 +431,6 @@ def test_bf16_adapter_round_trip_is_bit_exact(tiny, tmp_path):
 
 def cli(*args):
     return CliRunner().invoke(app, ["convert", *map(str, args)])
-
-
-def refused(result, dst, *needles):
-    assert result.exit_code == 2, result.output
-    # (a library's progress bar may precede it when the library was imported earlier)
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and result.output.rstrip().endswith(errors[0]), result.output
-    for needle in needles:
-        assert needle in result.output, result.output
-    assert not dst.exists() and not list(dst.parent.glob(f".{dst.name}.tmp-*"))
 
 
 def damaged(tiny, tmp_path, edit):

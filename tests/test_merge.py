@@ -20,7 +20,7 @@ import shutil
 import numpy as np
 import pytest
 from helpers import build_tiny_model
-from stacks import close, f64, mlx_logps, tensors, torch_logps
+from stacks import close, f64, mlx_logps, refused, tensors, torch_logps
 from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
@@ -189,15 +189,6 @@ def test_merge_into_bf16_rounds_once(tiny, tmp_path):
 
 def cli(*args):
     return CliRunner().invoke(app, ["merge", *map(str, args)])
-
-
-def refused(result, dst, *needles):
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and result.output.rstrip().endswith(errors[0]), result.output
-    for needle in needles:
-        assert needle in result.output, result.output
-    assert not dst.exists() and not list(dst.parent.glob(f".{dst.name}.tmp-*"))
 
 
 def test_cli_merge_and_bad_inputs(tiny, tmp_path):
