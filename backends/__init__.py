@@ -1,7 +1,9 @@
-"""Backends: MLX and PyTorch behind one small protocol (``base.Backend``).
+"""MLX and PyTorch implementations of the core's ``Backend`` contract (tabpo.training.backend).
+May import: tabpo.common, tabpo.losses, tabpo.data, tabpo.training, tabpo.models.
 
-Imported lazily: installing only one of the two extras works, and asking for the missing
-one says which extra to install. The core never imports this package's modules.
+Chosen at the edge (the CLI) and handed to the loop; imported lazily, so installing only one
+of the two extras works, and asking for the missing one says which extra to install. The
+core never imports this package.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import platform
 import sys
 from typing import TYPE_CHECKING
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 
 if TYPE_CHECKING:
-    from tabpo.backends.base import Backend
+    from tabpo.training.backend import Backend
 
 _REQUIRES = {"torch": ("torch", "transformers", "peft"), "mlx": ("mlx", "mlx_lm")}
 

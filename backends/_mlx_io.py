@@ -20,7 +20,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 from tabpo.models.families import ModelInfo
 
 ADAPTER_WEIGHTS = "adapters.safetensors"

@@ -3,7 +3,7 @@ completion rows only.
 
 Shapes: N = 2B stacked sequences, T positions, H hidden, V vocabulary, K completion tokens,
 U <= K of them distinct (the shared-prefix layout computes a token both sides share once,
-``tabpo.layout``). A float32 log-softmax over (N, T, V) is never built: the head runs on
+``tabpo.data.layout``). A float32 log-softmax over (N, T, V) is never built: the head runs on
 the U rows that predict completion tokens, a chunk of rows at a time, and the results are
 scattered back into a zero (N, T) matrix aligned with the masks.
 
@@ -28,8 +28,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from tabpo.batching import PairBatch, Targets
-from tabpo.layout import fork_mask, layout
+from tabpo.data.batching import PairBatch, Targets
+from tabpo.data.layout import fork_mask, layout
 
 LOGITS_PER_CHUNK = 1 << 24  # float32 logits held at once per chunk (64 MB)
 
@@ -54,7 +54,7 @@ def _chunks(k: int, vocab: int) -> list[slice]:
 
 
 class Forward:
-    """A batch in its layout (``tabpo.layout``), ready to run through a model's decoder."""
+    """A batch in its layout (``tabpo.data.layout``), ready to run through a model's decoder."""
 
     def __init__(self, batch: PairBatch, sharing: str) -> None:
         self.layout = lay = layout(batch, sharing)

@@ -25,9 +25,9 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import _download
 from mlx_lm.utils import load as mlx_lm_load
 
-from tabpo.backends.base import DTYPES, LoraSettings, check_state
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 from tabpo.models.families import ModelInfo, inspect_model_dir, tensor_names, weight_files
+from tabpo.training.backend import DTYPES, LoraSettings, check_state
 
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _TO_CANONICAL = {"lora_a": "lora_A", "lora_b": "lora_B"}

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tabpo.backends.base import DTYPES, FINETUNE_MODES, LoraSettings, ModelOptions
-from tabpo.encoding import load_tokenizer
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
+from tabpo.data.encoding import load_tokenizer
 from tabpo.models.families import inspect_model_dir
+from tabpo.training.backend import DTYPES, FINETUNE_MODES, LoraSettings, ModelOptions
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,7 +1,7 @@
 """Per-token log-probs and full-vocabulary KL through a gathered LM head, in PyTorch.
 
 Shapes: N = 2B sequences (chosen then rejected) of length T, hidden size H, vocabulary V,
-K completion tokens in the whole batch, U <= K of them distinct (``tabpo.layout``: the
+K completion tokens in the whole batch, U <= K of them distinct (``tabpo.data.layout``: the
 shared-prefix layout computes a token both sides share once).
 
 Only the U hidden states that predict a completion token go through the LM head, in chunks
@@ -19,17 +19,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from tabpo.backends.base import RefLogps
-from tabpo.batching import PairBatch, split_rows
-from tabpo.errors import TabpoError
-from tabpo.layout import fork_mask, layout
+from tabpo.common.errors import TabpoError
+from tabpo.data.batching import PairBatch, split_rows
+from tabpo.data.layout import fork_mask, layout
+from tabpo.training.backend import RefLogps
 
 CHUNK_ROWS = 4096
 
 
 class DeviceBatch:
     """One batch on the device: the decoder inputs of its layout (plain (2B, T) or forked,
-    ``tabpo.layout``) and the completion targets."""
+    ``tabpo.data.layout``) and the completion targets."""
 
     def __init__(
         self,

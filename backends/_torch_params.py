@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from tabpo.backends.base import check_state
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 from tabpo.models.families import weight_files
+from tabpo.training.backend import check_state
 
 ADAPTER_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."

@@ -1,7 +1,7 @@
 """The MLX backend: mlx-lm models, LoRA on every layer or full fine-tuning, AdamW.
 
 One forward of the inner model gives the hidden states of chosen and rejected, stacked
-(2B, T) or forked at their shared prefix (``tabpo.layout``); the LM head runs on completion
+(2B, T) or forked at their shared prefix (``tabpo.data.layout``); the LM head runs on completion
 rows only (``_mlx_logps``). The reference is the policy with its adapter switched off
 (LoRA: every LoRA scale 0, no second model), a frozen copy of the initial model or the
 model at ``ref_path`` (full fine-tuning), or precomputed log-probs. Gradients of
@@ -33,7 +33,11 @@ from tabpo.backends._mlx_model import (
     resolve,
     to_numpy,
 )
-from tabpo.backends.base import (
+from tabpo.common.errors import TabpoError
+from tabpo.data.batching import PairBatch, split_rows
+from tabpo.losses.xp import to_float
+from tabpo.models.families import ModelInfo
+from tabpo.training.backend import (
     FINETUNE_MODES,
     ModelOptions,
     Objective,
@@ -41,10 +45,6 @@ from tabpo.backends.base import (
     RefLogps,
     StepResult,
 )
-from tabpo.batching import PairBatch, split_rows
-from tabpo.errors import TabpoError
-from tabpo.models.families import ModelInfo
-from tabpo.xp import to_float
 
 # Reference log-probs (chosen, rejected) and, for KL losses, (reference model, its rows).
 _RefInputs = tuple[tuple[mx.array, mx.array] | None, tuple[nn.Module, mx.array] | None]
@@ -63,7 +63,7 @@ class MlxBackend:
         self._reference_model: nn.Module | None = None  # full fine-tuning only
         self._optimizer: optim.AdamW | None = None
         self._grads: Any = None  # float32 tree of summed micro-batch gradients
-        self.prefix_sharing = "auto"  # tabpo.layout.SHARING
+        self.prefix_sharing = "auto"  # tabpo.data.layout.SHARING
 
     # -- model ---------------------------------------------------------------------------
 

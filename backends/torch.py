@@ -27,9 +27,9 @@ from tabpo.backends._torch_logps import (
     token_logps,
     token_logps_and_kl,
 )
-from tabpo.backends.base import ModelOptions, Objective, OptimizerSettings, RefLogps, StepResult
-from tabpo.batching import PairBatch
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
+from tabpo.data.batching import PairBatch
+from tabpo.training.backend import ModelOptions, Objective, OptimizerSettings, RefLogps, StepResult
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"

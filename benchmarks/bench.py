@@ -6,7 +6,7 @@
 Every runner trains the same fixture (``benchmarks/fixture.py``) with the same LoRA (rank
 16, alpha 32, dropout 0, all 7 projections), batch, learning rate and float32 weights, in
 its own subprocess (so peak memory is its own), for ``--warmup`` untimed and ``--steps``
-timed optimizer steps. tabpo runs through its real training loop (``tabpo.train.train``,
+timed optimizer steps. tabpo runs through its real training loop (``tabpo.training.loop.train``,
 the code ``tabpo train`` runs); a step is timed from the end of the previous one to the end
 of this one, so it includes batching, the forward/backward, the optimizer and logging.
 
@@ -96,10 +96,10 @@ def mlx_runners(blas: str) -> list[Runner]:
 
 def run_tabpo(r: Runner, fixture: Path, steps: int, warmup: int, batch: int) -> dict[str, Any]:
     """tabpo's own training loop, timed between the loop's per-step callbacks."""
-    from tabpo import config as cfg
     from tabpo.backends import get_backend
-    from tabpo.run import Callbacks
-    from tabpo.train import train
+    from tabpo.training import config as cfg
+    from tabpo.training.loop import train
+    from tabpo.training.run import Callbacks
 
     class Clock(Callbacks):
         def __init__(self) -> None:
@@ -202,9 +202,9 @@ def pair_tokens(fixture: Path) -> tuple[float, float]:
     """Mean tokens per pair as tabpo encodes them: prompt + completion of both sides (what
     a separate forward of each side runs), and what the forked forward runs (the shared
     prefix once)."""
-    from tabpo.data import read_preferences
-    from tabpo.encoding import encode_pairs, load_tokenizer
-    from tabpo.layout import common_prefix
+    from tabpo.data.encoding import encode_pairs, load_tokenizer
+    from tabpo.data.layout import common_prefix
+    from tabpo.data.records import read_preferences
 
     pairs, _ = encode_pairs(
         load_tokenizer(fixture / "model"), read_preferences(fixture / "pairs.jsonl")[0],
@@ -311,10 +311,10 @@ def dpo_first_batch(fixture: Path, batch: int) -> dict[str, float]:
     from benchmarks.third_party import trl_first_batch_loss
     from tabpo import losses
     from tabpo.backends import get_backend
-    from tabpo.backends.base import LoraSettings, ModelOptions
-    from tabpo.batching import collate
-    from tabpo.data import read_preferences
-    from tabpo.encoding import encode_pairs, load_tokenizer, pad_id
+    from tabpo.data.batching import collate
+    from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
+    from tabpo.data.records import read_preferences
+    from tabpo.training.backend import LoraSettings, ModelOptions
 
     tokenizer = load_tokenizer(fixture / "model")
     examples = read_preferences(fixture / "pairs.jsonl")[0]
@@ -341,10 +341,10 @@ def objective_overhead(fixture: Path, batch: int, reps: int = 15) -> dict[str, f
     alternation (so drift in the machine's speed hits both alike); medians and ratio."""
     from tabpo import losses
     from tabpo.backends import get_backend
-    from tabpo.backends.base import LoraSettings, ModelOptions
-    from tabpo.batching import collate
-    from tabpo.data import read_preferences
-    from tabpo.encoding import encode_pairs, load_tokenizer, pad_id
+    from tabpo.data.batching import collate
+    from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
+    from tabpo.data.records import read_preferences
+    from tabpo.training.backend import LoraSettings, ModelOptions
 
     tokenizer = load_tokenizer(fixture / "model")
     examples = read_preferences(fixture / "pairs.jsonl")[0]

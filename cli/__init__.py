@@ -1,1 +1,2 @@
-"""The ``tabpo`` command-line interface (Typer + Rich)."""
+"""The ``tabpo`` command-line interface (Typer + Rich), one thin module per command.
+May import: anything of the project (it is the edge that chooses the backend)."""

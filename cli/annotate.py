@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from tabpo.cli.common import console, handles_errors, load_adapter, quiet_libraries
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 
 Backend = Annotated[str, typer.Option(help="mlx, torch or auto.")]
 MaxNew = Annotated[int, typer.Option(help="Longest answer, in tokens.")]
@@ -34,8 +34,8 @@ def data(
 def load_model(backend: str, model: Path, adapter: Path | None, dtype: str) -> tuple[Any, Any]:
     """A backend holding the model (and adapter) for inference, and its tokenizer."""
     from tabpo.backends import get_backend
-    from tabpo.backends.base import ModelOptions
-    from tabpo.encoding import load_tokenizer
+    from tabpo.data.encoding import load_tokenizer
+    from tabpo.training.backend import ModelOptions
 
     quiet_libraries()
     impl = get_backend(backend)
@@ -61,7 +61,7 @@ def eval(  # noqa: A001 (the command's name)
 ) -> None:
     """Greedy-decode every prompt and score it: Code / Sub-code micro-F1, relaxed Span F1
     (the paper's), strict triplet F1, JSON validity (METHOD.md §5)."""
-    from tabpo.annotate import evaluate, predict, read_records
+    from tabpo.clinical.annotate import evaluate, predict, read_records
 
     records = read_records(data)
     impl, tokenizer = load_model(backend, model, adapter, dtype)
@@ -70,7 +70,7 @@ def eval(  # noqa: A001 (the command's name)
     scores = evaluate(records, predictions, snap=snap)
     console.print(metrics_table({str(model.name if adapter is None else adapter.name): scores}))
     if out is not None:
-        from tabpo.annotate import write_jsonl
+        from tabpo.common.files import write_jsonl
 
         doc = {"model": str(model), "adapter": str(adapter) if adapter else None,
                "data": str(data), "metrics": scores}  # fmt: skip
@@ -98,7 +98,8 @@ def pairs(
 ) -> None:
     """Build preference pairs by METHOD.md §4: minimal schema-valid edits of the gold answer
     drawn from the model's confusions (or the model's own wrong answers, or uniform rules)."""
-    from tabpo.annotate import make_pairs, predict, read_records, write_jsonl
+    from tabpo.clinical.annotate import make_pairs, predict, read_records
+    from tabpo.common.files import write_jsonl
 
     if strategy not in ("confusion", "model", "rule"):
         raise TabpoError("--strategy must be confusion, model or rule")

@@ -27,14 +27,14 @@ def build_model(
     """Generate the benchmark, train a byte-level BPE tokenizer and initialise the tiny
     llama at random, then SFT it with `tabpo train --loss sft --finetune full` (the recipe
     in tabpo.models.tiny.SFT_RECIPE)."""
-    from tabpo import config as cfg
     from tabpo.backends import get_backend
-    from tabpo.checkpoint import write_dir
     from tabpo.cli.ui import RichCallbacks
     from tabpo.clinical import write_splits
-    from tabpo.errors import TabpoError
+    from tabpo.common.errors import TabpoError
+    from tabpo.common.files import write_dir
     from tabpo.models.tiny import SFT_RECIPE, SHIPPED, corpus, init_model
-    from tabpo.train import train
+    from tabpo.training import config as cfg
+    from tabpo.training.loop import train
 
     quiet_libraries()
     if out.exists() and any(out.iterdir()) and not force:

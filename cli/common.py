@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -47,8 +47,8 @@ def load_adapter(impl: Any, model: Any, adapter: Any, dtype: str) -> None:
     get zero factors, which add nothing."""
     import numpy as np
 
-    from tabpo.backends.base import LoraSettings, ModelOptions
     from tabpo.models.adapters import read_adapter, read_canonical
+    from tabpo.training.backend import LoraSettings, ModelOptions
 
     info = read_adapter(adapter)
     targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in info.modules}))

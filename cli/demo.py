@@ -39,11 +39,11 @@ def demo(
     """Load the shipped SFT model, build pairs from its confusions, train DPO and TAB-PO
     under the same budget, evaluate SFT vs DPO vs TAB-PO on held-out test phrasings, and
     write report.md and figure.png."""
-    from tabpo import report
     from tabpo.backends import get_backend, resolve
     from tabpo.cli.ui import RichCallbacks
-    from tabpo.demo import FULL_METHODS, DemoSettings, run_demo
-    from tabpo.errors import TabpoError
+    from tabpo.clinical import report
+    from tabpo.clinical.demo import FULL_METHODS, DemoSettings, run_demo
+    from tabpo.common.errors import TabpoError
     from tabpo.models.tiny import SHIPPED
 
     quiet_libraries()

@@ -11,10 +11,10 @@ from rich.table import Table
 from rich.text import Text
 
 from tabpo.cli.common import console, handles_errors
-from tabpo.data import read_preferences
-from tabpo.encoding import EncodedPair, encode_pairs, load_tokenizer
-from tabpo.errors import DataError, TabpoError
-from tabpo.weights import ALIGNMENTS, difference_masks
+from tabpo.common.errors import DataError, TabpoError
+from tabpo.data.encoding import EncodedPair, encode_pairs, load_tokenizer
+from tabpo.data.records import read_preferences
+from tabpo.losses.weights import ALIGNMENTS, difference_masks
 
 
 @handles_errors

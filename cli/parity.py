@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from tabpo.cli.common import console, handles_errors, load_adapter, quiet_libraries
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 
 
 @handles_errors
@@ -42,12 +42,12 @@ def parity(
     requested loss with its metrics, and the gradients. Exit code 1 on any failure."""
     from tabpo import losses
     from tabpo.backends import get_backend
-    from tabpo.backends.base import LoraSettings, ModelOptions, OptimizerSettings
-    from tabpo.batching import collate
-    from tabpo.data import read_preferences
-    from tabpo.encoding import encode_pairs, load_tokenizer, pad_id
+    from tabpo.data.batching import collate
+    from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
+    from tabpo.data.records import read_preferences
     from tabpo.models.tiny import SHIPPED
-    from tabpo.parity import TOLERANCES, compare_backends
+    from tabpo.training.backend import LoraSettings, ModelOptions, OptimizerSettings
+    from tabpo.training.parity import TOLERANCES, compare_backends
 
     quiet_libraries()
     model = model or SHIPPED
@@ -90,9 +90,9 @@ def _benchmark_pairs(count: int) -> Path:
     """A few rule-built pairs of the embedded benchmark, in a temporary file."""
     import tempfile
 
-    from tabpo.annotate import write_jsonl
     from tabpo.clinical import generate_split
-    from tabpo.pairs import build_pairs
+    from tabpo.clinical.pairs import build_pairs
+    from tabpo.common.files import write_jsonl
 
     rows, _ = build_pairs(generate_split("pref", 4 * count), strategy="rule", seed=0)
     return write_jsonl(rows[:count], Path(tempfile.mkdtemp()) / "pairs.jsonl")
@@ -100,7 +100,7 @@ def _benchmark_pairs(count: int) -> Path:
 
 def _random_adapter(backend, seed: int) -> dict[str, np.ndarray]:
     """Seeded LoRA factors with a non-zero B, so the adapter changes the function."""
-    from tabpo.train import seeded_lora_init
+    from tabpo.training.loop import seeded_lora_init
 
     state = seeded_lora_init(backend.trainable_state(), seed)
     rng = np.random.default_rng([seed, 0xB])

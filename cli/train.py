@@ -1,4 +1,4 @@
-"""``tabpo train``: the options are the fields of ``tabpo.config.TrainConfig``.
+"""``tabpo train``: the options are the fields of ``tabpo.training.config.TrainConfig``.
 
 The command's signature is built from the dataclass, so every option has one definition:
 its name, type, default and help (shown in groups), the same as the YAML key.
@@ -13,9 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
-from tabpo import config as cfg
-from tabpo.checkpoint import CONFIG_FILE, resolve_checkpoint
 from tabpo.cli.common import console, handles_errors, quiet_libraries
+from tabpo.training import config as cfg
+from tabpo.training.checkpoint import CONFIG_FILE, resolve_checkpoint
 
 GROUPS = ("Model", "Data", "Loss", "LoRA", "Optimizer", "Output")
 
@@ -53,7 +53,7 @@ def train(**values: Any) -> None:
 def _run(values: dict[str, Any]) -> None:
     from tabpo.backends import get_backend
     from tabpo.cli.ui import RichCallbacks
-    from tabpo.train import train as run_training
+    from tabpo.training.loop import train as run_training
 
     config_file = values.pop("config", None)
     file_values: dict[str, Any] = {}

@@ -16,7 +16,7 @@ from rich.progress import (
 )
 
 from tabpo.cli.common import console
-from tabpo.train import Callbacks
+from tabpo.training.loop import Callbacks
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate", "it/s", "tok/s")
 

@@ -1,1 +1,2 @@
-"""Model families both stacks support, adapter formats and the tiny demo model."""
+"""Model families both stacks support, safetensors and adapter formats, conversion, merging
+and the tiny demo model. May import: tabpo.common."""

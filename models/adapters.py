@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 from tabpo.models.tensors import (
     Header,
     Tensor,

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tabpo.checkpoint import write_dir
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
+from tabpo.common.files import write_dir
 from tabpo.models import adapters as fmt
 from tabpo.models.coverage import check_base, fill_suffix
 from tabpo.models.families import weight_files

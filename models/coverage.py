@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 from tabpo.models.adapters import Adapter, Factors
 from tabpo.models.model_dir import SourceModel
 from tabpo.models.tensors import Tensor, from_float32, to_float32

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 # transformers' class defaults, used when config.json leaves a key out

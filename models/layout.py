@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 
 # tensors some checkpoints carry that neither stack reads (mlx-lm's sanitize drops them)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tabpo.checkpoint import write_dir
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
+from tabpo.common.files import write_dir
 from tabpo.models.adapters import Adapter, read_mlx, read_peft
 from tabpo.models.convert import (
     STACK_OF,

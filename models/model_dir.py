@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tabpo.checkpoint import STATE_FILE
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
+from tabpo.common.files import STATE_FILE
 from tabpo.models import quantized
 from tabpo.models.families import ModelInfo, inspect_model_dir, weight_files
 from tabpo.models.layout import IGNORED_SUFFIXES, check_layout

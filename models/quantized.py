@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 from tabpo.models.tensors import STORAGE, Tensor
 
 AUX = (".scales", ".biases")

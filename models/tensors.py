@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 
 # safetensors dtype -> NumPy dtype holding the same bits (bf16 and fp8 as unsigned ints)
 STORAGE = {

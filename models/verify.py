@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 
 SEQUENCES, LENGTH, SEED = 3, 32, 0
 TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}

@@ -4,7 +4,7 @@ The core package (everything under ``tabpo/``) is backend-agnostic: it never imp
 or mlx. Backends live in ``tabpo.backends`` and are imported lazily.
 """
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 
 __version__ = "0.1.0"
 __all__ = ["TabpoError", "__version__"]

@@ -30,13 +30,13 @@ from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
 from mlx_lm.utils import load as mlx_load  # noqa: E402
 
 from tabpo import losses  # noqa: E402
-from tabpo.backends.base import LoraSettings, ModelOptions, OptimizerSettings  # noqa: E402
 from tabpo.backends.mlx import MlxBackend  # noqa: E402
-from tabpo.batching import collate  # noqa: E402
-from tabpo.data import PreferenceExample  # noqa: E402
-from tabpo.encoding import encode_pairs, load_tokenizer, pad_id  # noqa: E402
-from tabpo.errors import TabpoError  # noqa: E402
+from tabpo.common.errors import TabpoError  # noqa: E402
+from tabpo.data.batching import collate  # noqa: E402
+from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id  # noqa: E402
+from tabpo.data.records import PreferenceExample  # noqa: E402
 from tabpo.models.families import LORA_TARGETS, inspect_model_dir  # noqa: E402
+from tabpo.training.backend import LoraSettings, ModelOptions, OptimizerSettings  # noqa: E402
 
 LORA = LoraSettings(rank=4, alpha=8.0, dropout=0.0)
 FAMILIES = [("llama", False), ("qwen2", False), ("qwen3", False), ("qwen2", True)]

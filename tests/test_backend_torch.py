@@ -24,17 +24,17 @@ pytest.importorskip("peft")
 
 from tabpo import losses  # noqa: E402
 from tabpo.backends import _torch_logps  # noqa: E402
-from tabpo.backends.base import (  # noqa: E402
+from tabpo.backends.torch import TorchBackend  # noqa: E402
+from tabpo.common.errors import TabpoError  # noqa: E402
+from tabpo.data.batching import collate  # noqa: E402
+from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id  # noqa: E402
+from tabpo.data.records import PreferenceExample  # noqa: E402
+from tabpo.models.families import LORA_TARGETS  # noqa: E402
+from tabpo.training.backend import (  # noqa: E402
     LoraSettings,
     ModelOptions,
     OptimizerSettings,
 )
-from tabpo.backends.torch import TorchBackend  # noqa: E402
-from tabpo.batching import collate  # noqa: E402
-from tabpo.data import PreferenceExample  # noqa: E402
-from tabpo.encoding import encode_pairs, load_tokenizer, pad_id  # noqa: E402
-from tabpo.errors import TabpoError  # noqa: E402
-from tabpo.models.families import LORA_TARGETS  # noqa: E402
 
 RANK, ALPHA = 4, 12.0  # scale 3, so a wrong scale shows
 SCALE = ALPHA / RANK

@@ -7,9 +7,9 @@ import json
 import numpy as np
 
 from benchmarks.fixture import FixtureSpec, build
-from tabpo.data import read_preferences
-from tabpo.encoding import encode_pairs, load_tokenizer
-from tabpo.layout import common_prefix
+from tabpo.data.encoding import encode_pairs, load_tokenizer
+from tabpo.data.layout import common_prefix
+from tabpo.data.records import read_preferences
 
 
 def test_fixture_pairs_are_long_prompts_with_near_identical_completions(tmp_path):

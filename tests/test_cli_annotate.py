@@ -8,12 +8,13 @@ import pytest
 from helpers import build_tiny_model, write_pairs
 from typer.testing import CliRunner
 
-from tabpo import config as cfg
-from tabpo.annotate import predict, read_records, write_jsonl
 from tabpo.backends import get_backend
 from tabpo.cli.app import app
 from tabpo.clinical import canonical_json, generate_split
-from tabpo.train import train
+from tabpo.clinical.annotate import predict, read_records
+from tabpo.common.files import write_jsonl
+from tabpo.training import config as cfg
+from tabpo.training.loop import train
 
 
 def run(*argv):
@@ -63,7 +64,7 @@ def test_eval_with_an_adapter_matches_the_trained_model(backend, model_dir, reco
                        "gradient_accumulation_steps": 1, "lora_rank": 4, "lora_dropout": 0.0,
                        "warmup_ratio": 0.0})  # fmt: skip
     run_ = train(c, get_backend(backend))
-    from tabpo.encoding import load_tokenizer
+    from tabpo.data.encoding import load_tokenizer
 
     rows = read_records(records)
     want = predict(run_.backend, load_tokenizer(model_dir), rows, max_new_tokens=10)
@@ -86,9 +87,9 @@ def test_eval_with_an_adapter_matches_the_trained_model(backend, model_dir, reco
 
 def test_demo_end_to_end(model_dir, tmp_path):
     """The demo pipeline on a tiny random model: pairs, two methods, a report and a figure."""
-    from tabpo import report
-    from tabpo.demo import DemoSettings, run_demo
-    from tabpo.train import Callbacks
+    from tabpo.clinical import report
+    from tabpo.clinical.demo import DemoSettings, run_demo
+    from tabpo.training.loop import Callbacks
 
     s = DemoSettings(out=tmp_path, model=model_dir, backend="torch", pref_size=12, test_size=4,
                      steps=2, batch_size=2, max_new_tokens=6)  # fmt: skip

@@ -8,8 +8,8 @@ import pytest
 from helpers import build_tiny_model, write_pairs
 from typer.testing import CliRunner
 
-from tabpo import parity as parity_mod
 from tabpo.cli.app import app
+from tabpo.training import parity as parity_mod
 
 
 @pytest.fixture(scope="module")

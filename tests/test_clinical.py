@@ -18,11 +18,11 @@ from tabpo.clinical import (
     is_valid,
     labels_for,
     read_completion,
-    write_jsonl,
     write_splits,
 )
 from tabpo.clinical.fillers import SLOTS
 from tabpo.clinical.generator import PHRASINGS, phrasing_group, render
+from tabpo.common.files import write_jsonl
 
 SMALL = {"sft": 400, "pref": 200, "dev": 100, "test": 200}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tabpo import config as cfg
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
+from tabpo.training import config as cfg
 
 REQUIRED = {"model": "m", "data": "d.jsonl", "output": "out"}
 

@@ -37,7 +37,7 @@ from mlx_lm.utils import load as mlx_load  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from tabpo.cli.app import app  # noqa: E402
-from tabpo.errors import TabpoError  # noqa: E402
+from tabpo.common.errors import TabpoError  # noqa: E402
 from tabpo.models.convert import convert  # noqa: E402
 from tabpo.models.families import inspect_model_dir  # noqa: E402
 

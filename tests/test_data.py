@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tabpo.data import PreferenceExample, read_preferences
-from tabpo.errors import DataError
+from tabpo.common.errors import DataError
+from tabpo.data.records import PreferenceExample, read_preferences
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 USER = {"role": "user", "content": "Annotate: I trust your judgement"}
@@ -168,8 +168,8 @@ def test_prompt_completion_records(tmp_path):
     is no rejected; conversational completions are one assistant message."""
     import json
 
-    from tabpo.data import read_preferences
-    from tabpo.errors import DataError
+    from tabpo.common.errors import DataError
+    from tabpo.data.records import read_preferences
 
     path = tmp_path / "sft.jsonl"
     rows = [

@@ -18,16 +18,16 @@ import pytest
 from helpers import ANNOTATION as GOLD
 from helpers import CHATML_TEMPLATE, build_chatml_tokenizer
 
-from tabpo.batching import batches, collate
-from tabpo.data import PreferenceExample
-from tabpo.encoding import (
+from tabpo.common.errors import DataError, TabpoError
+from tabpo.data.batching import batches, collate
+from tabpo.data.encoding import (
     EncodeStats,
     decoded_offsets,
     encode_pairs,
     load_tokenizer,
     pad_id,
 )
-from tabpo.errors import DataError, TabpoError
+from tabpo.data.records import PreferenceExample
 
 pytest.importorskip("transformers")
 
@@ -290,7 +290,7 @@ def test_load_tokenizer(tmp_path, monkeypatch):
 
 def test_core_modules_import_no_backend():
     code = (
-        "import sys, tabpo.weights, tabpo.data, tabpo.encoding; "
+        "import sys, tabpo.losses.weights, tabpo.data.records, tabpo.data.encoding; "
         "print([m for m in ('torch', 'mlx', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tabpo.evaluation import (
+from tabpo.clinical.evaluation import (
     match_spans,
     parse_prediction,
     prf,

@@ -7,9 +7,9 @@ import torch
 from helpers import build_tiny_model
 
 from tabpo.backends import get_backend
-from tabpo.backends.base import ModelOptions
-from tabpo.encoding import load_tokenizer
-from tabpo.generation import generate, prompt_ids, stop_ids
+from tabpo.data.encoding import load_tokenizer
+from tabpo.training.backend import ModelOptions
+from tabpo.training.generation import generate, prompt_ids, stop_ids
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tabpo.clinical import (
     is_valid,
     read_completion,
 )
-from tabpo.pairs import (
+from tabpo.clinical.pairs import (
     EDIT_PROBS,
     build_pairs,
     confusion_tables,

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from helpers import TINY_FAMILIES, build_tiny_model, write_pairs
 
-from tabpo import config as cfg
 from tabpo import losses
 from tabpo.backends import get_backend
-from tabpo.backends.base import LoraSettings, ModelOptions, OptimizerSettings
-from tabpo.batching import collate
-from tabpo.data import read_preferences
-from tabpo.encoding import encode_pairs, load_tokenizer, pad_id
-from tabpo.train import train
+from tabpo.data.batching import collate
+from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
+from tabpo.data.records import read_preferences
+from tabpo.training import config as cfg
+from tabpo.training.backend import LoraSettings, ModelOptions, OptimizerSettings
+from tabpo.training.loop import train
 
 REL = 1e-5
 # Gradients: MLX's own float32 gradients are up to 1.6e-5 (torch's 4e-6) from float64 on

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 
 from tabpo import losses
 from tabpo.backends import get_backend
-from tabpo.backends.base import LoraSettings, ModelOptions
-from tabpo.batching import collate
-from tabpo.encoding import EncodedPair
-from tabpo.errors import TabpoError
-from tabpo.layout import fork_layout, fork_mask, layout, plain_layout
+from tabpo.common.errors import TabpoError
+from tabpo.data.batching import collate
+from tabpo.data.encoding import EncodedPair
+from tabpo.data.layout import fork_layout, fork_mask, layout, plain_layout
+from tabpo.training.backend import LoraSettings, ModelOptions
 
 REL = 1e-5
 PAD = 0

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from helpers import build_tiny_model, write_pairs
 
-from tabpo import config as cfg
 from tabpo.backends import get_backend
-from tabpo.batching import collate
-from tabpo.data import read_preferences
-from tabpo.encoding import encode_pairs, load_tokenizer, pad_id
-from tabpo.errors import TabpoError
-from tabpo.train import Callbacks, NonFiniteLoss, train
+from tabpo.common.errors import TabpoError
+from tabpo.data.batching import collate
+from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
+from tabpo.data.records import read_preferences
+from tabpo.training import config as cfg
+from tabpo.training.loop import Callbacks, NonFiniteLoss, train
 
 BACKENDS = ["torch", "mlx"]
 

@@ -7,14 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from tabpo import refcache
-from tabpo.batching import collate
-from tabpo.checkpoint import TrainerState, resolve_checkpoint, write_dir, write_state
-from tabpo.encoding import EncodedPair
-from tabpo.errors import TabpoError
-from tabpo.schedule import learning_rate, warmup_steps
-from tabpo.tracking import combine
-from tabpo.train import step_pairs
+from tabpo.common.errors import TabpoError
+from tabpo.common.files import write_dir
+from tabpo.data.batching import collate
+from tabpo.data.encoding import EncodedPair
+from tabpo.training import refcache
+from tabpo.training.checkpoint import TrainerState, resolve_checkpoint, write_state
+from tabpo.training.loop import step_pairs
+from tabpo.training.schedule import learning_rate, warmup_steps
+from tabpo.training.tracking import combine
 
 
 def test_linear_schedule_by_hand():

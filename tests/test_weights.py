@@ -26,7 +26,7 @@ import re
 import numpy as np
 import pytest
 
-from tabpo.weights import (
+from tabpo.losses.weights import (
     DEFAULT_FIELD_WEIGHTS,
     DIFF_FACTOR,
     difference_masks,

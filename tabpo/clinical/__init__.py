@@ -1,7 +1,8 @@
-"""The embedded clinical benchmark: the paper's annotation schema and a synthetic data set.
+"""The clinical benchmark application: schema, synthetic data, pairs, evaluation, annotation,
+the demo and its report. May import: tabpo.common, tabpo.losses, tabpo.data, tabpo.training.
 
 The real data (1,137 annotated secure messages) is private; `generate_splits` builds
-seeded synthetic patient <-> provider messages in the same schema (METHOD.md section 6).
+seeded synthetic patient <-> provider messages in the same schema (docs/method.md §6).
 """
 
 from tabpo.clinical.generator import (
@@ -13,7 +14,6 @@ from tabpo.clinical.generator import (
     generate_splits,
     make_record,
     phrasing_group,
-    write_jsonl,
     write_splits,
 )
 from tabpo.clinical.prompt import build_prompt, code_book
@@ -51,6 +51,5 @@ __all__ = [
     "make_record",
     "phrasing_group",
     "read_completion",
-    "write_jsonl",
     "write_splits",
 ]

@@ -16,11 +16,9 @@ sentences are shared. Each split has its own random stream, seeded by the string
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from tabpo.clinical.fillers import CLOSINGS, FILLERS, OPENINGS, SLOTS
 from tabpo.clinical.phrasings_patient import PATIENT
@@ -34,6 +32,7 @@ from tabpo.clinical.schema import (
     canonical_json,
     item,
 )
+from tabpo.common.files import write_jsonl
 
 Label = tuple[str, str]
 
@@ -157,19 +156,6 @@ def generate_splits(
     if unknown:
         raise ValueError(f"unknown splits {sorted(unknown)}; expected some of {SPLITS}")
     return {name: generate_split(name, wanted[name], seed) for name in SPLITS}
-
-
-def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
-    """One compact JSON object per line, UTF-8, "\\n" line ends; same records, same bytes.
-    Written to a temporary file and renamed, so a file is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def write_splits(

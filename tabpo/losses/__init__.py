@@ -1,4 +1,5 @@
-"""The loss library: every objective of METHOD.md §2-3 over any array namespace.
+"""The math: the array protocol (``xp``), TAB-PO's token weights, every objective of
+docs/method.md §1-3 and its metrics. May import: tabpo.common.
 
     from tabpo import losses
     fn = losses.get("tabpo")

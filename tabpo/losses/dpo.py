@@ -13,7 +13,7 @@ import math
 from tabpo.losses.inputs import PairInputs
 from tabpo.losses.metrics import reward_metrics
 from tabpo.losses.registry import Metrics, check_choice, check_range, register
-from tabpo.xp import Array, log_sigmoid, relu, stop_gradient
+from tabpo.losses.xp import Array, log_sigmoid, relu, stop_gradient
 
 
 def _margin(p: PairInputs, beta: float) -> tuple[Array, Metrics]:

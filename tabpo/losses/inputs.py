@@ -13,7 +13,7 @@ from functools import cached_property
 from types import ModuleType
 from typing import Any
 
-from tabpo.xp import Array, like, namespace
+from tabpo.losses.xp import Array, like, namespace
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tabpo.losses.inputs import PairInputs
-from tabpo.xp import Array
+from tabpo.losses.xp import Array
 
 
 def reward_metrics(

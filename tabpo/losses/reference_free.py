@@ -10,7 +10,7 @@ import math
 from tabpo.losses.inputs import PairInputs
 from tabpo.losses.metrics import logps_metrics, reward_metrics
 from tabpo.losses.registry import Metrics, check_range, register
-from tabpo.xp import Array, log1mexp, log_sigmoid
+from tabpo.losses.xp import Array, log1mexp, log_sigmoid
 
 
 @register("simpo", reference_free=True)

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
 from tabpo.losses.inputs import PairInputs
-from tabpo.xp import Array, namespace
+from tabpo.losses.xp import Array, namespace
 
 Metrics = dict[str, Array]
 LossFn = Callable[..., tuple[Array, Metrics]]

@@ -11,7 +11,7 @@ import math
 from tabpo.losses.inputs import PairInputs
 from tabpo.losses.metrics import reward_metrics
 from tabpo.losses.registry import Metrics, check_choice, check_range, register
-from tabpo.xp import Array, log_sigmoid, sigmoid
+from tabpo.losses.xp import Array, log_sigmoid, sigmoid
 
 
 def normalize_weights(weights: Array, mask: Array, *, xp) -> Array:

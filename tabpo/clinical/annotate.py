@@ -11,17 +11,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tabpo.clinical import write_jsonl
-from tabpo.data import parse_record
-from tabpo.errors import DataError
-from tabpo.evaluation import score
-from tabpo.generation import generate
-from tabpo.pairs import build_pairs
+from tabpo.clinical.evaluation import score
+from tabpo.clinical.pairs import build_pairs
+from tabpo.common.errors import DataError
+from tabpo.data.records import parse_record
+from tabpo.training.generation import generate
 
-__all__ = ["evaluate", "make_pairs", "predict", "read_records", "write_jsonl"]
+__all__ = ["evaluate", "make_pairs", "predict", "read_records"]
 
 if TYPE_CHECKING:
-    from tabpo.backends.base import Backend
+    from tabpo.training.backend import Backend
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -8,16 +8,13 @@ data position, trained tokens) and the resolved ``config.yaml``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
+from tabpo.common.files import STATE_FILE
 
-STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -29,33 +26,6 @@ class TrainerState:
     epoch_step: int = 0  # position of the next step inside its epoch
     num_tokens: int = 0  # non-padding tokens trained on so far
     total_steps: int = 0
-
-
-def write_dir(target: Path, fill: Callable[[Path], None]) -> None:
-    """Create ``target`` atomically: ``fill`` a sibling temporary directory, then rename.
-
-    An existing ``target`` is replaced only after the new one is complete.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fill(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def publish_files(source: Path, target: Path) -> None:
-    """Move every file of ``source`` into ``target`` one atomic rename at a time."""
-    for item in sorted(source.iterdir()):
-        os.replace(item, target / item.name)
 
 
 def write_state(directory: Path, state: TrainerState, config_yaml: str) -> None:

@@ -1,7 +1,7 @@
 """The training loop, written once for every backend.
 
 Everything a backend does not have to know (data order, schedule, accumulation, reference
-cache, evaluation, logging, checkpoints, stopping) lives here and in ``tabpo.run``.
+cache, evaluation, logging, checkpoints, stopping) lives here and in ``tabpo.training.run``.
 """
 
 from __future__ import annotations
@@ -13,19 +13,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tabpo import config as cfg
-from tabpo import refcache
-from tabpo.checkpoint import TrainerState, read_state, resolve_checkpoint
-from tabpo.data import read_preferences
-from tabpo.encoding import encode_pairs, load_tokenizer, pad_id
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
+from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
+from tabpo.data.records import read_preferences
 from tabpo.losses import get
 from tabpo.models.families import inspect_model_dir
-from tabpo.run import Callbacks, Dataset, NonFiniteLoss, Run, step_pairs
-from tabpo.tracking import MetricsLog, Throughput
+from tabpo.training import config as cfg
+from tabpo.training import refcache
+from tabpo.training.checkpoint import TrainerState, read_state, resolve_checkpoint
+from tabpo.training.run import Callbacks, Dataset, NonFiniteLoss, Run, step_pairs
+from tabpo.training.tracking import MetricsLog, Throughput
 
 if TYPE_CHECKING:
-    from tabpo.backends.base import Backend
+    from tabpo.training.backend import Backend
 
 __all__ = ["Callbacks", "Dataset", "NonFiniteLoss", "Run", "step_pairs", "train"]
 
@@ -96,7 +96,7 @@ def reference_table(run: Run, data: Dataset, *, name: str) -> refcache.RefTable:
 
 def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = None) -> Run:
     """Run the whole training job described by ``c``; returns the finished run."""
-    from tabpo.backends.base import LoraSettings, ModelOptions, OptimizerSettings
+    from tabpo.training.backend import LoraSettings, ModelOptions, OptimizerSettings
 
     callbacks = callbacks or Callbacks()
     cfg.validate(c)

@@ -15,18 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tabpo import config as cfg
-from tabpo import refcache
-from tabpo.batching import PairBatch, batches, collate
-from tabpo.checkpoint import TrainerState, publish_files, write_dir, write_state
-from tabpo.encoding import EncodedPair, EncodeStats
-from tabpo.errors import TabpoError
+from tabpo.common.errors import TabpoError
+from tabpo.common.files import publish_files, write_dir
+from tabpo.data.batching import PairBatch, batches, collate
+from tabpo.data.encoding import EncodedPair, EncodeStats
 from tabpo.losses import Objective
-from tabpo.schedule import learning_rate, warmup_steps
-from tabpo.tracking import combine
+from tabpo.training import config as cfg
+from tabpo.training import refcache
+from tabpo.training.checkpoint import TrainerState, write_state
+from tabpo.training.schedule import learning_rate, warmup_steps
+from tabpo.training.tracking import combine
 
 if TYPE_CHECKING:
-    from tabpo.backends.base import Backend, StepResult
+    from tabpo.training.backend import Backend, StepResult
 
 
 class NonFiniteLoss(TabpoError):

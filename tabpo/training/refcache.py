@@ -17,8 +17,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from tabpo.batching import PairBatch, batches
-from tabpo.encoding import EncodedPair
+from tabpo.data.batching import PairBatch, batches
+from tabpo.data.encoding import EncodedPair
 
 VERSION = "1"
 

@@ -11,7 +11,7 @@ so the end-of-turn token is supervised and the model learns to stop. Without a t
 prompt is the message contents joined by blank lines (with the tokenizer's own special tokens,
 e.g. BOS) and the completion is the answer followed by EOS.
 
-Batching into right-padded arrays lives in tabpo.batching.
+Batching into right-padded arrays lives in tabpo.data.batching.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from tabpo.data import PreferenceExample
-from tabpo.errors import DataError, TabpoError
-from tabpo.models.families import is_hub_id
-from tabpo.weights import (
+from tabpo.common.errors import DataError, TabpoError
+from tabpo.data.records import PreferenceExample
+from tabpo.losses.weights import (
     ALIGNMENTS,
     DEFAULT_FIELD_WEIGHTS,
     DIFF_FACTOR,
     field_value_weights,
     pair_token_weights,
 )
+from tabpo.models.families import is_hub_id
 
 Offsets = list[tuple[int, int]]
 

@@ -1,6 +1,6 @@
 """The Backend protocol: everything that differs between MLX and PyTorch, on one screen.
 
-The core hands a backend right-padded NumPy batches (``tabpo.batching.PairBatch``) and an
+The core hands a backend right-padded NumPy batches (``tabpo.data.batching.PairBatch``) and an
 ``Objective`` (a loss of the library with its hyperparameters); the backend runs the model,
 calls the objective on its own arrays, and returns plain floats and NumPy arrays. Batching,
 schedules, accumulation, logging, checkpoint cadence and metrics live in the core.
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tabpo.batching import PairBatch
+from tabpo.data.batching import PairBatch
 from tabpo.models.families import LORA_TARGETS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -49,7 +49,7 @@ class ModelOptions:
     device: str | None = None  # torch only: cuda, mps, cpu; None picks cuda > mps > cpu
     ref_path: str | None = None  # full fine-tuning: a separate reference model directory
     keep_reference: bool = True  # full fine-tuning: keep a frozen copy as the reference
-    prefix_sharing: str = "auto"  # tabpo.layout.SHARING: fork each pair at its shared prefix
+    prefix_sharing: str = "auto"  # tabpo.data.layout.SHARING: fork each pair at its shared prefix
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def check_state(
 ) -> None:
     """A TabpoError unless ``given`` has exactly the names and shapes of ``expected``
     (name -> shape, canonical names), for loading weights into either backend."""
-    from tabpo.errors import TabpoError
+    from tabpo.common.errors import TabpoError
 
     missing = sorted(set(expected) - set(given))
     unknown = sorted(set(given) - set(expected))

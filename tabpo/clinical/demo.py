@@ -16,14 +16,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tabpo import config as cfg
-from tabpo.annotate import evaluate, make_pairs, predict, read_records, write_jsonl
 from tabpo.clinical import generate_split
-from tabpo.encoding import load_tokenizer
-from tabpo.train import Callbacks, train
+from tabpo.clinical.annotate import evaluate, make_pairs, predict, read_records
+from tabpo.common.files import write_jsonl
+from tabpo.data.encoding import load_tokenizer
+from tabpo.training import config as cfg
+from tabpo.training.loop import Callbacks, train
 
 if TYPE_CHECKING:
-    from tabpo.backends.base import Backend
+    from tabpo.training.backend import Backend
 
 DEFAULT_METHODS = ("dpo", "tabpo")
 FULL_METHODS = ("dpo", "ipo", "simpo", "cal_dpo", "dpop", "tabpo")
@@ -75,7 +76,7 @@ def run_demo(
                                     data / "pref.jsonl"))  # fmt: skip
     tokenizer = load_tokenizer(s.model)
     sft = make_backend(s.backend)
-    from tabpo.backends.base import ModelOptions
+    from tabpo.training.backend import ModelOptions
 
     sft.load(ModelOptions(path=str(s.model), finetune="full", keep_reference=False))
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from tabpo.encoding import EncodedPair
+from tabpo.data.encoding import EncodedPair
 
 T = TypeVar("T", bound=Any)
 
@@ -123,7 +123,7 @@ class Targets:
     computes logits only for the U ``hidden_index`` rows of the flattened hidden states,
     takes the log-prob of ``target_ids``, and places value ``source[k]`` at ``out_index[k]``
     of a zero (N*T,) vector: a (N, T) log-prob matrix aligned with the masks. In the plain
-    layout U = K and ``source`` is 0..K-1; the shared-prefix layout (``tabpo.layout``)
+    layout U = K and ``source`` is 0..K-1; the shared-prefix layout (``tabpo.data.layout``)
     computes a token both sides share once and places it twice.
     """
 

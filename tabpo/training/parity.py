@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tabpo import losses
-from tabpo.batching import PairBatch
+from tabpo.data.batching import PairBatch
 
 if TYPE_CHECKING:
-    from tabpo.backends.base import Backend
+    from tabpo.training.backend import Backend
 
 # float32: log-probs, losses and metrics to 1e-5; gradients to 3e-5 (MLX's own float32
 # gradients are up to 1.6e-5 from float64 on small random models, torch's 4e-6).

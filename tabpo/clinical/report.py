@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from tabpo.demo import HEADLINE, DemoResult, summary
+from tabpo.clinical.demo import HEADLINE, DemoResult, summary
 
 LABELS = {"code/f1": "Code F1", "subcode/f1": "Sub-code F1", "span/f1": "Span F1 (relaxed)",
           "triplet/f1": "strict triplet F1", "json_valid": "JSON valid",

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from tabpo.batching import PairBatch, Targets, concat_sides, targets
+from tabpo.data.batching import PairBatch, Targets, concat_sides, targets
 
 SHARING = ("auto", "on", "off")
 AUTO_FORK_RATIO = 0.85

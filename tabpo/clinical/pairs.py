@@ -35,8 +35,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from tabpo.clinical.evaluation import Annotation, read_annotation
 from tabpo.clinical.schema import SCHEMA, Item, canonical_json, codes_for, item
-from tabpo.evaluation import Annotation, read_annotation
 
 Table = dict[str, Counter[str]]
 Rng = random.Random

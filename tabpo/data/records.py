@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tabpo.errors import DataError
+from tabpo.common.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 

@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from tabpo import losses
-from tabpo.errors import TabpoError
-from tabpo.layout import SHARING
-from tabpo.schedule import SCHEDULES
-from tabpo.weights import ALIGNMENTS, DEFAULT_FIELD_WEIGHTS
+from tabpo.common.errors import TabpoError
+from tabpo.data.layout import SHARING
+from tabpo.losses.weights import ALIGNMENTS, DEFAULT_FIELD_WEIGHTS
+from tabpo.training.schedule import SCHEDULES
 
 BACKENDS = ("auto", "mlx", "torch")
 LOSS_HPARAMS = ("beta", "tau", "barrier_weight", "variant", "label_smoothing", "gamma", "lam",
