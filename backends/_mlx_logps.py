@@ -4,8 +4,8 @@ completion rows only.
 Shapes: N = 2B stacked sequences, T positions, H hidden, V vocabulary, K completion tokens,
 U <= K of them distinct (the shared-prefix layout computes a token both sides share once,
 ``tabpo.data.layout``). A float32 log-softmax over (N, T, V) is never built: the head runs on
-the U rows that predict completion tokens, a chunk of rows at a time, and the results are
-scattered back into a zero (N, T) matrix aligned with the masks.
+the U rows that predict completion tokens, over the core's ``head_chunks``, and the core's
+``place`` puts the results into (N, T) matrices aligned with the masks.
 
 The forked layout needs two things mlx-lm's attention does not take from its caller: a
 custom mask and per-token positions. Both go in through the ``cache`` argument every
@@ -28,10 +28,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from tabpo.data.batching import PairBatch, Targets
-from tabpo.data.layout import fork_mask, layout
-
-LOGITS_PER_CHUNK = 1 << 24  # float32 logits held at once per chunk (64 MB)
+from tabpo.data.batching import PairBatch
+from tabpo.data.layout import Targets, fork_mask, head_chunks, layout, place
 
 
 def lm_head(model: nn.Module, h: mx.array) -> mx.array:
@@ -48,11 +46,6 @@ def _log_softmax(model: nn.Module, rows: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def _chunks(k: int, vocab: int) -> list[slice]:
-    step = max(1, LOGITS_PER_CHUNK // max(vocab, 1))
-    return [slice(s, min(s + step, k)) for s in range(0, k, step)]
-
-
 class Forward:
     """A batch in its layout (``tabpo.data.layout``), ready to run through a model's decoder."""
 
@@ -60,6 +53,7 @@ class Forward:
         self.layout = lay = layout(batch, sharing)
         self.targets = lay.targets
         self.shape = lay.shape
+        self.placement = mx.array(lay.placement)
         self.ids = mx.array(lay.ids.astype(np.int32))
         self.mask: mx.array | None = None
         self.positions: mx.array | None = None
@@ -128,21 +122,10 @@ def completion_rows(hidden: mx.array, tg: Targets) -> mx.array:
     return flat[mx.array(tg.hidden_index)]
 
 
-def scatter(values: list[mx.array], tg: Targets, shape: tuple[int, int]) -> mx.array:
-    """Per-target values (U,) placed at their positions in a zero (N, T) float32 matrix;
-    differentiable with respect to ``values``."""
-    out = mx.zeros((shape[0] * shape[1],), dtype=mx.float32)
-    if values:
-        placed = mx.concatenate(values)[mx.array(tg.source)]  # (K,)
-        out = out.at[mx.array(tg.out_index)].add(placed)
-    return out.reshape(shape)
-
-
 def token_logps(
     model: nn.Module,
     hidden: mx.array,
-    tg: Targets,
-    shape: tuple[int, int],
+    fwd: Forward,
     ref: tuple[nn.Module, mx.array] | None = None,
 ) -> tuple[mx.array, mx.array | None]:
     """Log-probs (N, T) of the completion tokens and, given ``ref = (ref_model, ref_rows)``
@@ -150,18 +133,24 @@ def token_logps(
 
     The reference side is under ``stop_gradient``: only pi_theta is differentiated.
     """
+    tg = fwd.targets
     rows = completion_rows(hidden, tg)  # (U, H)
     target = mx.array(tg.target_ids)[:, None]  # (U, 1)
-    vocab = model.args.vocab_size
     logps, kls = [], []
-    for part in _chunks(len(tg.target_ids), vocab):
+    for part in head_chunks(len(tg.target_ids), model.args.vocab_size):
         logp = _log_softmax(model, rows[part])  # (k, V)
         logps.append(mx.take_along_axis(logp, target[part], axis=-1)[:, 0])
         if ref is not None:
             ref_model, ref_rows = ref
             ref_logp = mx.stop_gradient(_log_softmax(ref_model, ref_rows[part]))
             kls.append(mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1))
-    return scatter(logps, tg, shape), scatter(kls, tg, shape) if ref is not None else None
+    return _placed(logps, fwd), _placed(kls, fwd) if ref is not None else None
+
+
+def _placed(values: list[mx.array], fwd: Forward) -> mx.array:
+    """The chunks' (U,) values as the (N, T) float32 matrix (``place``)."""
+    flat = mx.concatenate(values) if values else mx.zeros((0,), dtype=mx.float32)
+    return place(flat, fwd.placement, fwd.shape)
 
 
 def as_mx(x: np.ndarray | None) -> mx.array | None:

@@ -27,7 +27,7 @@ from mlx_lm.utils import load as mlx_lm_load
 
 from tabpo.common.errors import TabpoError
 from tabpo.models.families import ModelInfo, inspect_model_dir, tensor_names, weight_files
-from tabpo.training.backend import DTYPES, LoraSettings, check_state
+from tabpo.training.backend import LoraSettings, check_state
 
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _TO_CANONICAL = {"lora_a": "lora_A", "lora_b": "lora_B"}
@@ -52,9 +52,8 @@ def resolve(path: str) -> ModelInfo:
 
 
 def load_model(info: ModelInfo, dtype: str) -> tuple[nn.Module, Any]:
-    """The mlx-lm model of ``info`` cast to ``dtype``, in eval mode, and its HF tokenizer."""
-    if dtype not in DTYPES:
-        raise TabpoError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    """The mlx-lm model of ``info`` cast to ``dtype`` (one of ``DTYPES``), in eval mode, and
+    its HF tokenizer."""
     try:
         model, wrapper = mlx_lm_load(info.path, model_config=info.mlx_overrides())
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -64,24 +63,16 @@ def load_model(info: ModelInfo, dtype: str) -> tuple[nn.Module, Any]:
     return model, wrapper._tokenizer
 
 
-def lora_keys(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """Within-layer paths (``self_attn.q_proj``...) of the linear layers named in ``targets``."""
-    if not targets:
-        raise TabpoError("LoRA needs at least one target module")
+def lora_keys(model: nn.Module, lora: LoraSettings) -> list[str]:
+    """Within-layer paths (``self_attn.q_proj``...) of the linear layers LoRA targets."""
     linear = [k for k, m in model.layers[0].named_modules() if isinstance(m, nn.Linear)]
-    names = sorted({k.rsplit(".", 1)[-1] for k in linear})
-    for target in targets:
-        if target not in names:
-            raise TabpoError(
-                f"LoRA target module '{target}' is not in the model "
-                f"(its linear layers: {', '.join(names)})"
-            )
-    return [k for k in linear if k.rsplit(".", 1)[-1] in targets]
+    lora.check_targets({k.rsplit(".", 1)[-1] for k in linear})
+    return [k for k in linear if k.rsplit(".", 1)[-1] in lora.target_modules]
 
 
 def lora_parameters(model: nn.Module, lora: LoraSettings) -> dict[str, Any]:
     """mlx-lm's ``lora_parameters`` for these settings (the ``scale`` is alpha / r)."""
-    keys = lora_keys(model, tuple(lora.target_modules))
+    keys = lora_keys(model, lora)
     return {"rank": lora.rank, "scale": lora.scale, "dropout": lora.dropout, "keys": keys}
 
 

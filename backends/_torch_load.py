@@ -1,8 +1,9 @@
 """Loading a causal LM for training with transformers and peft: device, dtype, LoRA, reference.
 
 LoRA goes on every layer (peft's default) with scale alpha / r, the convention both backends
-share (``backends.base.LoraSettings``); under LoRA the reference is the same model with its
-adapter switched off, so no second model is held.
+share (``tabpo.training.backend.LoraSettings``); under LoRA the reference is the same model
+with its adapter switched off, so no second model is held. The options were checked when
+``ModelOptions`` was built.
 """
 
 from __future__ import annotations
@@ -16,15 +17,10 @@ from torch import nn
 from tabpo.common.errors import TabpoError
 from tabpo.data.encoding import load_tokenizer
 from tabpo.models.families import inspect_model_dir
-from tabpo.training.backend import DTYPES, FINETUNE_MODES, LoraSettings, ModelOptions
+from tabpo.training import reference
+from tabpo.training.backend import LoraSettings, ModelOptions
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise TabpoError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
-    return _TORCH_DTYPES[name]
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -71,19 +67,6 @@ def fork_mask_kind(model: nn.Module, sharing: str) -> tuple[str, str | None]:
     return (sharing if kind else "off"), kind
 
 
-def check_options(options: ModelOptions) -> None:
-    if options.finetune not in FINETUNE_MODES:
-        raise TabpoError(
-            f"unknown finetune mode {options.finetune!r}; expected one of "
-            f"{', '.join(FINETUNE_MODES)}"
-        )
-    if options.finetune == "lora" and options.ref_path:
-        raise TabpoError(
-            "ref_path is for full fine-tuning; under LoRA the reference is the model "
-            "with its adapter switched off"
-        )
-
-
 def linear_names(model: nn.Module) -> set[str]:
     """Last name components of the model's ``nn.Linear`` modules (q_proj, lm_head, ...)."""
     return {
@@ -91,22 +74,11 @@ def linear_names(model: nn.Module) -> set[str]:
     }
 
 
-def check_lora_targets(model: nn.Module, targets: tuple[str, ...]) -> None:
-    """A target peft would silently skip (or fail on) is named here with the valid ones."""
-    available = linear_names(model)
-    for target in targets:
-        if target not in available:
-            raise TabpoError(
-                f"LoRA target module '{target}' is not in the model "
-                f"(its linear layers: {', '.join(sorted(available))})"
-            )
-
-
 def wrap_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
     """A peft model with LoRA on every layer's ``target_modules``; only the adapter trains."""
     from peft import LoraConfig, get_peft_model
 
-    check_lora_targets(model, lora.target_modules)
+    lora.check_targets(linear_names(model))
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -121,21 +93,19 @@ def wrap_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
 def full_reference(
     options: ModelOptions, model: nn.Module, dtype: torch.dtype, device: torch.device
 ) -> nn.Module | None:
-    """The frozen reference of full fine-tuning: the model at ``ref_path``, else a copy of
-    the initial model when ``keep_reference``, else None (the reference must be precomputed)."""
-    if options.ref_path:
-        reference = load_causal_lm(options.ref_path, dtype, device)
-        vocab, ref_vocab = (m.get_output_embeddings().weight.shape[0] for m in (model, reference))
-        if vocab != ref_vocab:
-            raise TabpoError(
-                f"reference model {options.ref_path} has a vocabulary of {ref_vocab}, "
-                f"the policy {vocab}"
-            )
-    elif options.keep_reference:
-        reference = copy.deepcopy(model)
+    """The frozen reference model of full fine-tuning, from where ``reference.source`` says
+    (None: the reference log-probs must be precomputed)."""
+    where = reference.source(options)
+    if where == reference.SEPARATE:
+        assert options.ref_path is not None
+        ref = load_causal_lm(options.ref_path, dtype, device)
+        vocab, ref_vocab = (m.get_output_embeddings().weight.shape[0] for m in (model, ref))
+        reference.check_vocabularies(options.ref_path, vocab, ref_vocab)
+    elif where == reference.INITIAL_COPY:
+        ref = copy.deepcopy(model)
     else:
         return None
-    return reference.requires_grad_(False).eval()
+    return ref.requires_grad_(False).eval()
 
 
 def tokenizer_for(path: str) -> Any:

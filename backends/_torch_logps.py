@@ -4,10 +4,10 @@ Shapes: N = 2B sequences (chosen then rejected) of length T, hidden size H, voca
 K completion tokens in the whole batch, U <= K of them distinct (``tabpo.data.layout``: the
 shared-prefix layout computes a token both sides share once).
 
-Only the U hidden states that predict a completion token go through the LM head, in chunks
-of ``CHUNK_ROWS`` rows, each under activation checkpointing when a gradient is needed: the
+Only the U hidden states that predict a completion token go through the LM head, in the
+core's ``head_chunks``, each under activation checkpointing when a gradient is needed: the
 (chunk, V) float32 logits are rebuilt in the backward pass instead of being kept, so the
-peak is one chunk of logits, never (N, T, V).
+peak is one chunk of logits, never (N, T, V). The core's ``place`` puts the values back.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from torch.utils.checkpoint import checkpoint
 
 from tabpo.common.errors import TabpoError
 from tabpo.data.batching import PairBatch, split_rows
-from tabpo.data.layout import fork_mask, layout
+from tabpo.data.layout import fork_mask, head_chunks, layout, place
 from tabpo.training.backend import RefLogps
-
-CHUNK_ROWS = 4096
+from tabpo.training.reference import check_given
 
 
 class DeviceBatch:
@@ -48,8 +47,8 @@ class DeviceBatch:
         self.attention = torch.from_numpy(lay.attention).to(device=device, dtype=torch.long)
         self.hidden = torch.from_numpy(lay.targets.hidden_index).to(device)
         self.target = torch.from_numpy(lay.targets.target_ids).to(device)
-        self.out = torch.from_numpy(lay.targets.out_index).to(device)
-        self.source = torch.from_numpy(lay.targets.source).to(device)
+        self.placement = torch.from_numpy(lay.placement).to(device)
+        self.batch = batch
 
     def decoder_inputs(self, dtype: torch.dtype) -> dict[str, Tensor]:
         """Keyword arguments of the decoder: the 2-D padding mask of the plain layout, or
@@ -73,7 +72,7 @@ class DeviceBatch:
     def sides(self, values: Tensor) -> tuple[Tensor, Tensor | None]:
         """(U,) per-target values as chosen (B, T) and rejected (B, T) (None in a
         completion-only batch), 0 elsewhere."""
-        return to_sides(values.index_select(0, self.source), self.out, self.shape, self.pairs)
+        return split_rows(place(values, self.placement, self.shape), self.pairs)
 
     def tensor(self, array: np.ndarray | None) -> Tensor | None:
         if array is None:
@@ -82,10 +81,7 @@ class DeviceBatch:
 
     def given(self, ref: RefLogps) -> tuple[Tensor, Tensor]:
         """Precomputed reference log-probs, checked against this batch's (B, T)."""
-        want = (self.pairs, self.shape[1])
-        if any(np.shape(r) != want for r in ref):
-            got = [np.shape(r) for r in ref]
-            raise TabpoError(f"precomputed reference log-probs have shapes {got}, batch {want}")
+        check_given(self.batch, ref)
         return self.tensor(ref[0]), self.tensor(ref[1])
 
 
@@ -99,19 +95,19 @@ def completion_hidden(causal_lm: nn.Module, inputs: DeviceBatch) -> Tensor:
 
 
 def token_logps(rows: Tensor, head: nn.Module, target_ids: Tensor) -> Tensor:
-    """``log pi(y_t) = z[y_t] - logsumexp(z)`` with z = head(h) in float32, shape (K,)."""
+    """``log pi(y_t) = z[y_t] - logsumexp(z)`` with z = head(h) in float32, shape (U,)."""
 
     def chunk(h: Tensor, target: Tensor) -> Tensor:
         logits = head(h).float()  # (k, V)
         return logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
-    return _by_chunks(chunk, rows, target_ids)
+    return _by_chunks(chunk, _vocab(head), rows, target_ids)
 
 
 def token_logps_and_kl(
     rows: Tensor, ref_rows: Tensor, head: nn.Module, ref_head: nn.Module, target_ids: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Policy and reference log-probs of the targets and the per-position KL, each (K,).
+    """Policy and reference log-probs of the targets and the per-position KL, each (U,).
 
         KL_t = sum_v pi_ref(v|s_t) (log pi_ref(v|s_t) - log pi_theta(v|s_t))
 
@@ -126,27 +122,18 @@ def token_logps_and_kl(
         pick = target[:, None]
         return torch.stack([logp.gather(-1, pick)[:, 0], ref_logp.gather(-1, pick)[:, 0], kl])
 
-    out = _by_chunks(chunk, rows, ref_rows.detach(), target_ids)  # (3, K)
+    out = _by_chunks(chunk, _vocab(head), rows, ref_rows.detach(), target_ids)  # (3, U)
     return out[0], out[1], out[2]
 
 
-def to_sides(
-    values: Tensor, out_index: Tensor, shape: tuple[int, int], pairs: int
-) -> tuple[Tensor, Tensor | None]:
-    """Scatter (K,) values into a zero (N, T) float32 matrix and split it into chosen (B, T)
-    and rejected (B, T); out-of-place, so gradients flow back to ``values``."""
-    n, t = shape
-    flat = values.new_zeros(n * t, dtype=torch.float32).index_put((out_index,), values.float())
-    return split_rows(flat.view(n, t), pairs)
-
-
-def _by_chunks(fn: Callable[..., Tensor], *rows: Tensor) -> Tensor:
-    """``fn`` over row chunks of ``rows``, concatenated along the last axis; checkpointed
-    when a gradient is being recorded, so no chunk's logits outlive its own computation."""
+def _by_chunks(fn: Callable[..., Tensor], vocab: int, *rows: Tensor) -> Tensor:
+    """``fn`` over the core's ``head_chunks`` of ``rows``, concatenated along the last axis;
+    checkpointed when a gradient is being recorded, so no chunk's logits outlive its own
+    computation."""
     grad = torch.is_grad_enabled()
     parts = []
-    for start in range(0, rows[0].shape[0], CHUNK_ROWS):
-        chunk = [r[start : start + CHUNK_ROWS] for r in rows]
+    for part in head_chunks(rows[0].shape[0], vocab):
+        chunk = [r[part] for r in rows]
         if grad:  # the RNG is replayed in case the head has LoRA dropout (target lm_head)
             parts.append(checkpoint(fn, *chunk, use_reentrant=False))
         else:
@@ -154,3 +141,7 @@ def _by_chunks(fn: Callable[..., Tensor], *rows: Tensor) -> Tensor:
     if not parts:  # no completion token at all: keep the graph valid with an empty result
         return fn(*[r[:0] for r in rows])
     return torch.cat(parts, dim=-1)
+
+
+def _vocab(head: nn.Module) -> int:
+    return int(head.weight.shape[0])

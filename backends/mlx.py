@@ -35,16 +35,10 @@ from tabpo.backends._mlx_model import (
 )
 from tabpo.common.errors import TabpoError
 from tabpo.data.batching import PairBatch, split_rows
-from tabpo.losses.xp import to_float
+from tabpo.losses import Objective
 from tabpo.models.families import ModelInfo
-from tabpo.training.backend import (
-    FINETUNE_MODES,
-    ModelOptions,
-    Objective,
-    OptimizerSettings,
-    RefLogps,
-    StepResult,
-)
+from tabpo.training import reference as rules
+from tabpo.training.backend import ModelOptions, OptimizerSettings, RefLogps, StepResult
 
 # Reference log-probs (chosen, rejected) and, for KL losses, (reference model, its rows).
 _RefInputs = tuple[tuple[mx.array, mx.array] | None, tuple[nn.Module, mx.array] | None]
@@ -68,32 +62,26 @@ class MlxBackend:
     # -- model ---------------------------------------------------------------------------
 
     def load(self, options: ModelOptions) -> None:
-        if options.finetune not in FINETUNE_MODES:
-            raise TabpoError(
-                f"unknown finetune {options.finetune!r}; expected one of {FINETUNE_MODES}"
-            )
         self.info = resolve(options.path)
         self.prefix_sharing = options.prefix_sharing
         self.model, self.tokenizer = load_model(self.info, options.dtype)
         self._reference_model, self._grads = None, None
-        if options.finetune == "lora":
+        where = rules.source(options)
+        if where == rules.ADAPTER_OFF:
             self.lora_parameters = apply_lora(self.model, options.lora)
             return
         self.lora_parameters = None
         self.model.unfreeze()
-        if options.ref_path is not None:
+        if where == rules.SEPARATE:
+            assert options.ref_path is not None
             self._reference_model = self._frozen(resolve(options.ref_path), options.dtype)
-        elif options.keep_reference:
+        elif where == rules.INITIAL_COPY:
             self._reference_model = self._frozen(self.info, options.dtype)
 
     def _frozen(self, info: ModelInfo, dtype: str) -> nn.Module:
         model, _ = load_model(info, dtype)
         model.freeze()
-        if model.args.vocab_size != self._policy.args.vocab_size:
-            raise TabpoError(
-                f"reference {info.path} has a vocabulary of {model.args.vocab_size}, "
-                f"the policy {self._policy.args.vocab_size}"
-            )
+        rules.check_vocabularies(info.path, self._policy.args.vocab_size, model.args.vocab_size)
         return model
 
     @property
@@ -103,15 +91,12 @@ class MlxBackend:
         return self.model
 
     def _reference(self) -> tuple[nn.Module, AbstractContextManager]:
-        """The module that computes the reference, and the context it must run in."""
+        """The module that computes the reference (``tabpo.training.reference``), and the
+        context it must run in."""
         if self.lora_parameters is not None:
             return self._policy, adapter_off(self._policy)
         if self._reference_model is None:
-            raise TabpoError(
-                "no reference model (full fine-tuning without keep_reference or ref_path): "
-                "the reference log-probs must be precomputed, and losses with a KL term "
-                "cannot be used"
-            )
+            raise rules.missing_reference()
         return self._reference_model, nullcontext()
 
     # -- forward -------------------------------------------------------------------------
@@ -122,7 +107,7 @@ class MlxBackend:
         model, context = self._reference()
         with context:
             hidden = fwd.hidden(model)
-            logps, _ = token_logps(model, hidden, fwd.targets, fwd.shape)
+            logps, _ = token_logps(model, hidden, fwd)
             rows = completion_rows(hidden, fwd.targets)
             mx.eval(logps, rows)
         return model, mx.stop_gradient(rows), mx.stop_gradient(logps)
@@ -130,21 +115,17 @@ class MlxBackend:
     def _reference_inputs(
         self, batch: PairBatch, fwd: Forward, objective: Objective, ref: Any
     ) -> _RefInputs:
-        """What the objective needs of the reference: KL losses always recompute it (the KL
-        needs the reference's full distribution), others use ``ref`` when given."""
-        if objective.needs_kl:
+        """What the objective needs of the reference, as ``rules.reference_use`` decides."""
+        use = rules.reference_use(objective, ref)
+        if use == rules.KL:
             model, rows, logps = self._reference_forward(fwd)
             return split_rows(logps, batch.size), (model, rows)
-        if not objective.needs_reference:
-            return None, None
-        if ref is None:
+        if use == rules.RUN:
             return split_rows(self._reference_forward(fwd)[2], batch.size), None
-        for given, side in zip(ref, (batch.chosen_ids, batch.rejected_ids), strict=True):
-            if np.shape(given) != side.shape:
-                raise TabpoError(
-                    f"reference log-probs of shape {np.shape(given)} for a batch of {side.shape}"
-                )
-        return (as_mx(ref[0]), as_mx(ref[1])), None
+        if use == rules.GIVEN:
+            rules.check_given(batch, ref)
+            return (as_mx(ref[0]), as_mx(ref[1])), None
+        return None, None
 
     def _loss_fn(self, batch: PairBatch, objective: Objective, ref: Any, scale: float):
         """``f() -> (scale * loss, (loss, per_pair, metrics))``, the policy forward inside."""
@@ -156,7 +137,7 @@ class MlxBackend:
         model = self._policy
 
         def f() -> tuple[mx.array, tuple[mx.array, mx.array, dict[str, mx.array]]]:
-            logps, kl = token_logps(model, fwd.hidden(model), fwd.targets, fwd.shape, kl_ref)
+            logps, kl = token_logps(model, fwd.hidden(model), fwd, kl_ref)
             pc, pr = split_rows(logps, batch.size)
             ckl, rkl = split_rows(kl, batch.size) if kl is not None else (None, None)
             per_pair, metrics = objective(pc, pr, rc, rr, *masks, *weights, ckl, rkl)
@@ -168,12 +149,7 @@ class MlxBackend:
     @staticmethod
     def _result(batch: PairBatch, loss: mx.array, per_pair: mx.array, metrics: dict) -> StepResult:
         mx.eval(loss, per_pair, [v for v in metrics.values() if isinstance(v, mx.array)])
-        return StepResult(
-            loss=to_float(loss),
-            metrics={k: to_float(v) for k, v in metrics.items()},
-            per_pair=to_numpy(per_pair),
-            tokens=batch.tokens,
-        )
+        return StepResult.of(batch, loss, per_pair, metrics, to_numpy)
 
     def logps(self, batch: PairBatch, *, reference: bool = False) -> RefLogps:
         fwd = Forward(batch, self.prefix_sharing)
@@ -182,7 +158,7 @@ class MlxBackend:
         else:
             model = self._policy
             model.eval()
-            logps, _ = token_logps(model, fwd.hidden(model), fwd.targets, fwd.shape)
+            logps, _ = token_logps(model, fwd.hidden(model), fwd)
         chosen, rejected = split_rows(logps, batch.size)
         return to_numpy(chosen), None if rejected is None else to_numpy(rejected)
 

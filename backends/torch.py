@@ -29,7 +29,9 @@ from tabpo.backends._torch_logps import (
 )
 from tabpo.common.errors import TabpoError
 from tabpo.data.batching import PairBatch
-from tabpo.training.backend import ModelOptions, Objective, OptimizerSettings, RefLogps, StepResult
+from tabpo.losses import Objective
+from tabpo.training import reference as rules
+from tabpo.training.backend import ModelOptions, OptimizerSettings, RefLogps, StepResult
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
@@ -49,18 +51,16 @@ class TorchBackend:
         self.lora = True
         self.prefix_sharing = "auto"
         self.mask_kind: str | None = "bool"  # how the attention takes a fork mask
-        self._initial = True  # the weights are still those loaded
 
     # -- loading ---------------------------------------------------------------------------
 
     def load(self, options: ModelOptions) -> None:
-        loading.check_options(options)
-        dtype = loading.torch_dtype(options.dtype)
+        dtype = loading.TORCH_DTYPES[options.dtype]
         self.device = loading.pick_device(options.device)
         model = loading.load_causal_lm(options.path, dtype, self.device)
-        self.lora = options.finetune == "lora"
+        self.lora = rules.source(options) == rules.ADAPTER_OFF
         self.prefix_sharing, self.mask_kind = loading.fork_mask_kind(model, options.prefix_sharing)
-        self.optimizer, self._initial = None, True
+        self.optimizer = None
         self.reference = self.tokenizer = None
         if self.lora:
             self.model = loading.wrap_lora(model, options.lora)
@@ -99,25 +99,15 @@ class TorchBackend:
 
     @contextmanager
     def _reference_model(self) -> Iterator[nn.Module]:
-        """The reference as a causal LM, in eval mode; the adapter is off inside (LoRA).
-
-        Full fine-tuning without a reference model: until the weights first change the
-        policy is the reference, which is how the core precomputes it; afterwards asking for
-        it is an error rather than a silently wrong answer."""
+        """The reference as a causal LM, in eval mode (``tabpo.training.reference``); the
+        adapter is off inside (LoRA)."""
         if self.lora:
             with self._net.disable_adapter(), _mode(self._net, training=False):
                 yield self._lm
         elif self.reference is not None:
             yield self.reference
-        elif self._initial:
-            with _mode(self._net, training=False):
-                yield self._lm
         else:
-            raise TabpoError(
-                "full fine-tuning without a reference model (keep_reference off, no ref_path) "
-                "has no reference once the weights have changed: the reference log-probs "
-                "must be precomputed (precompute_ref_log_probs)"
-            )
+            raise rules.missing_reference()
 
     def _reference_rows(self, inputs: DeviceBatch) -> tuple[Tensor, nn.Module]:
         """Reference hidden states (K, H) at the completion positions, and its LM head."""
@@ -133,19 +123,21 @@ class TorchBackend:
     def _terms(
         self, inputs: DeviceBatch, objective: Objective, ref: RefLogps | None
     ) -> tuple[tuple[Tensor, Tensor], Any, Any]:
-        """Policy (B, T) pair with gradient, reference pair (or None) and KL pair (or None).
-
-        A KL needs the reference's full distributions, which precomputed log-probs cannot
-        give, so for such objectives ``ref`` is ignored and the reference runs again."""
+        """Policy (B, T) pair with gradient, reference pair (or None) and KL pair (or None),
+        the reference as ``rules.reference_use`` decides."""
         head = self._lm.get_output_embeddings()
-        if objective.needs_kl:
+        use = rules.reference_use(objective, ref)
+        if use == rules.KL:
             ref_rows, ref_head = self._reference_rows(inputs)
             rows = completion_hidden(self._lm, inputs)
             lp, ref_lp, kl = token_logps_and_kl(rows, ref_rows, head, ref_head, inputs.target)
             return inputs.sides(lp), inputs.sides(ref_lp), inputs.sides(kl)
         reference = None
-        if objective.needs_reference:
-            reference = self._reference_logps(inputs) if ref is None else inputs.given(ref)
+        if use == rules.RUN:
+            reference = self._reference_logps(inputs)
+        elif use == rules.GIVEN:
+            assert ref is not None
+            reference = inputs.given(ref)
         rows = completion_hidden(self._lm, inputs)
         return inputs.sides(token_logps(rows, head, inputs.target)), reference, None
 
@@ -165,13 +157,7 @@ class TorchBackend:
             kc, kr,
         )  # fmt: skip
         loss = per_pair.mean()
-        result = StepResult(
-            loss=_float(loss),
-            metrics={k: _float(v) for k, v in metrics.items()},
-            per_pair=params.to_numpy(per_pair),
-            tokens=batch.tokens,
-        )
-        return result, loss
+        return StepResult.of(batch, loss, per_pair, metrics, params.to_numpy), loss
 
     def forward_backward(
         self, batch: PairBatch, objective: Objective, ref: RefLogps | None, scale: float
@@ -201,7 +187,6 @@ class TorchBackend:
             raise TabpoError("no optimizer: call setup_optimizer() first")
         trained = list(self._params().values())
         norm = _grad_norm(trained)
-        self._initial = False
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
         for group in self.optimizer.param_groups:
@@ -229,7 +214,6 @@ class TorchBackend:
     def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
         tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
         params.assign(self._params(), tensors, where="load_trainable_state")
-        self._initial = False
 
     # -- files -----------------------------------------------------------------------------
 
@@ -252,7 +236,6 @@ class TorchBackend:
         current = self._params()
         saved = params.saved_weights(directory, current, lora=self.lora)
         params.assign(current, saved, where=str(directory))
-        self._initial = False
         if (directory / OPTIMIZER_FILE).is_file():
             if self.optimizer is None:
                 raise TabpoError("call setup_optimizer() before load_state() to resume it")
@@ -279,7 +262,6 @@ class TorchBackend:
         if self.reference is None:
             return
         self.reference = None
-        self._initial = False  # nor may the policy stand in for a reference model now
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -289,10 +271,6 @@ class TorchBackend:
             return torch.cuda.max_memory_allocated(self.device) / 1e9
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9  # bytes vs KiB
-
-
-def _float(value: Any) -> float:
-    return float(value.detach()) if isinstance(value, Tensor) else float(value)
 
 
 def _grad_norm(trained: list[nn.Parameter]) -> float:

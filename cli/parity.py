@@ -100,7 +100,7 @@ def _benchmark_pairs(count: int) -> Path:
 
 def _random_adapter(backend, seed: int) -> dict[str, np.ndarray]:
     """Seeded LoRA factors with a non-zero B, so the adapter changes the function."""
-    from tabpo.training.loop import seeded_lora_init
+    from tabpo.training.backend import seeded_lora_init
 
     state = seeded_lora_init(backend.trainable_state(), seed)
     rng = np.random.default_rng([seed, 0xB])

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tabpo.common.errors import TabpoError
+from tabpo.models.tensors import read_header
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 # transformers' class defaults, used when config.json leaves a key out
@@ -109,14 +109,5 @@ def weight_files(path: Path) -> list[Path]:
 
 def tensor_names(files: list[Path]) -> list[str]:
     """Tensor names from the safetensors headers (no tensor is read); a clear error if a
-    file is truncated or not safetensors."""
-    names: list[str] = []
-    for file in files:
-        try:
-            with open(file, "rb") as fh:
-                (size,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(size))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError):
-            raise TabpoError(f"{file}: not a readable safetensors file (truncated?)") from None
-        names.extend(k for k in header if k != "__metadata__")
-    return names
+    file is truncated or not safetensors (``tensors.read_header``)."""
+    return [name for file in files for name in read_header(file).entries]

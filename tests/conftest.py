@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import build_chatml_tokenizer
+from helpers import build_chatml_tokenizer, build_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +13,24 @@ def chatml_tokenizer():
     pytest.importorskip("tokenizers")
     pytest.importorskip("transformers")
     return build_chatml_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(family="llama", *, seed=0, tie=False, layers=2)``: a tiny random model
+    directory (``helpers.build_tiny_model``), built once per session and shared by every
+    test that asks for the same one: read it, never write into it."""
+    pytest.importorskip("transformers")
+    built = {}
+
+    def get(family="llama", *, seed=0, tie=False, layers=2):
+        key = (family, seed, tie, layers)
+        if key not in built:
+            where = tmp_path_factory.mktemp(f"{family}-seed{seed}-tie{int(tie)}-layers{layers}")
+            built[key] = build_tiny_model(where, family, seed=seed, tie=tie, layers=layers)
+        return built[key]
+
+    return get
 
 
 @pytest.fixture(scope="session", autouse=True)

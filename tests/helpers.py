@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 CHATML_TEMPLATE = (
@@ -144,3 +145,11 @@ def write_completions(path: str | Path, n: int = 8, *, seed: int = 0) -> Path:
     path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]})
                             + "\n" for r in rows))  # fmt: skip
     return path
+
+
+def head_chunk_rows(monkeypatch, model_dir, rows: int) -> None:
+    """Make the LM head of a model of ``model_dir`` run ``rows`` rows per chunk."""
+    from tabpo.data import layout
+
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    monkeypatch.setattr(layout, "LOGITS_PER_CHUNK", rows * vocab)

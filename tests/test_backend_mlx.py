@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import ANNOTATION, build_tiny_model
+from helpers import ANNOTATION, head_chunk_rows
 
 pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
@@ -59,15 +59,12 @@ VARIANTS = [
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
+def dirs(tiny_model):
     """family id -> tiny model directory (rope_theta nested the transformers-5 way)."""
-    root = tmp_path_factory.mktemp("mlx_models")
-    out = {
-        name: build_tiny_model(root / name, family, tie=tie)
-        for name, (family, tie) in zip(IDS, FAMILIES, strict=True)
-    }
-    out["llama-17"] = build_tiny_model(root / "llama-17", "llama", layers=17)
-    out["llama-other"] = build_tiny_model(root / "llama-other", "llama", seed=1)
+    pairs = zip(IDS, FAMILIES, strict=True)
+    out = {name: tiny_model(family, tie=tie) for name, (family, tie) in pairs}
+    out["llama-17"] = tiny_model("llama", layers=17)
+    out["llama-other"] = tiny_model("llama", seed=1)
     return out
 
 
@@ -403,15 +400,13 @@ def test_gradients_equal_naive_full_logits_loss(dirs, batch):
 
 def test_chunked_head_equals_one_chunk(dirs, batch, monkeypatch):
     """Seven rows per LM-head chunk give the same log-probs and KL as one chunk."""
-    from tabpo.backends import _mlx_logps
-
     backend = make(dirs["qwen2-tied"], lora=LORA)
     nonzero_b(backend)
     recorder = KlRecorder()
     one = backend.logps(batch)
     backend.evaluate(batch, recorder, None)
     kl_one = recorder.kl
-    monkeypatch.setattr(_mlx_logps, "LOGITS_PER_CHUNK", 7 * backend.model.args.vocab_size)
+    head_chunk_rows(monkeypatch, dirs["qwen2-tied"], 7)
     many = backend.logps(batch)
     backend.evaluate(batch, recorder, None)
     for a, b in zip([*one, *kl_one], [*many, *recorder.kl], strict=True):

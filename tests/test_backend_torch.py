@@ -6,7 +6,7 @@ Log-probs and KL are checked against the model's own full logits in float64 (``n
     KL_t = sum_v p_ref(v | t-1) (log p_ref(v | t-1) - log p(v | t-1))
 
 and the LoRA policy against a plain transformers model whose weights were merged by hand,
-``W + (alpha / r) B A``. Tiny random models (``helpers.build_tiny_model``), float32, a few
+``W + (alpha / r) B A``. Tiny random models (the session's ``tiny_model``), float32, a few
 ChatML pairs with JSON annotations. Failure messages print the max and mean difference.
 """
 
@@ -16,14 +16,13 @@ import json
 
 import numpy as np
 import pytest
-from helpers import ANNOTATION, TINY_FAMILIES, build_tiny_model
+from helpers import ANNOTATION, TINY_FAMILIES, head_chunk_rows
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from tabpo import losses  # noqa: E402
-from tabpo.backends import _torch_logps  # noqa: E402
 from tabpo.backends.torch import TorchBackend  # noqa: E402
 from tabpo.common.errors import TabpoError  # noqa: E402
 from tabpo.data.batching import collate  # noqa: E402
@@ -53,23 +52,8 @@ PAIRS = [  # (user message, chosen, rejected): different lengths, so the batch i
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """``tiny(family, seed, tie)``: a tiny model directory, built once per module."""
-    built = {}
-
-    def get(family="llama", seed=0, tie=False):
-        key = (family, seed, tie)
-        if key not in built:
-            where = tmp_path_factory.mktemp(f"{family}-{seed}-{tie}")
-            built[key] = build_tiny_model(where, family, seed=seed, tie=tie)
-        return built[key]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def pairs(tiny):
-    tokenizer = load_tokenizer(tiny())
+def pairs(tiny_model):
+    tokenizer = load_tokenizer(tiny_model())
     examples = [
         PreferenceExample(
             [
@@ -205,9 +189,9 @@ class Spy:
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_logps_match_full_log_softmax(tiny, batch, family):
+def test_logps_match_full_log_softmax(tiny_model, batch, family):
     """Policy (adapter B = 0) and reference both equal the base model's own log-probs."""
-    path = tiny(family)
+    path = tiny_model(family)
     backend = make(path)
     want = naive_logps(hf_model(path), batch)
     for reference in (False, True):
@@ -219,9 +203,9 @@ def test_logps_match_full_log_softmax(tiny, batch, family):
             assert np.all(g[mask == 0] == 0.0), "log-probs off the completion mask"
 
 
-def test_reference_is_the_base_model_when_the_adapter_is_active(tiny, batch):
+def test_reference_is_the_base_model_when_the_adapter_is_active(tiny_model, batch):
     """B != 0: the reference stays the base model, the policy is the merged model."""
-    path = tiny()
+    path = tiny_model()
     backend = make(path)
     state = with_lora_b(backend)
     base, merged = naive_logps(hf_model(path), batch), naive_logps(merged_model(path, state), batch)
@@ -235,10 +219,10 @@ def test_reference_is_the_base_model_when_the_adapter_is_active(tiny, batch):
 # -- 2. LoRA structure --------------------------------------------------------------------
 
 
-def test_lora_wraps_every_layer_and_projection(tiny):
+def test_lora_wraps_every_layer_and_projection(tiny_model):
     from peft.tuners.lora import LoraLayer
 
-    backend = make(tiny(), dropout=0.05)
+    backend = make(tiny_model(), dropout=0.05)
     wrapped = {n: m for n, m in backend.model.named_modules() if isinstance(m, LoraLayer)}
     expected = {f"model.layers.{i}.{p}" for i in range(2) for p in
                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -256,15 +240,15 @@ def test_lora_wraps_every_layer_and_projection(tiny):
         assert state[f"{canonical}.lora_B"].shape == (base.out_features, RANK)
 
 
-def test_unknown_target_module_is_named(tiny):
+def test_unknown_target_module_is_named(tiny_model):
     with pytest.raises(TabpoError, match=r"'xyz_proj' is not in the model.*q_proj"):
-        make(tiny(), targets=("q_proj", "xyz_proj"))
+        make(tiny_model(), targets=("q_proj", "xyz_proj"))
 
 
-def test_bad_directory_and_state_are_refused(tiny, tmp_path):
+def test_bad_directory_and_state_are_refused(tiny_model, tmp_path):
     with pytest.raises(TabpoError, match="config.json"):
         make(tmp_path)
-    backend = make(tiny())
+    backend = make(tiny_model())
     state = backend.trainable_state()
     name = next(iter(state))
     with pytest.raises(TabpoError, match="missing"):
@@ -278,11 +262,11 @@ def test_bad_directory_and_state_are_refused(tiny, tmp_path):
 # -- 3. steps and gradient accumulation ---------------------------------------------------
 
 
-def test_step_result_is_the_objective_on_the_logps(tiny, batch):
+def test_step_result_is_the_objective_on_the_logps(tiny_model, batch):
     """No dropout: loss = mean of the objective applied (in NumPy) to logps() and the
     reference logps; a precomputed reference gives the same loss and gradients."""
     objective = losses.get("tabpo").bind()
-    on_the_fly, given = make(tiny()), make(tiny())
+    on_the_fly, given = make(tiny_model()), make(tiny_model())
     for backend in (on_the_fly, given):
         with_lora_b(backend)
     ref = on_the_fly.logps(batch, reference=True)
@@ -304,7 +288,7 @@ def test_step_result_is_the_objective_on_the_logps(tiny, batch):
 
 
 @pytest.mark.parametrize("loss", ["tabpo", "dpo"])
-def test_gradient_accumulation_matches_one_batch(tiny, pairs, loss):
+def test_gradient_accumulation_matches_one_batch(tiny_model, pairs, loss):
     """Two halves at scale 0.5 accumulate the gradient of the whole batch at scale 1:
     grad mean_4 = 0.5 grad mean_2 (first) + 0.5 grad mean_2 (second).
 
@@ -313,7 +297,7 @@ def test_gradient_accumulation_matches_one_batch(tiny, pairs, loss):
     scale or an overwritten gradient is off by tens of percent."""
     encoded, pad = pairs
     objective = losses.get(loss).bind()
-    whole, halves = make(tiny()), make(tiny())
+    whole, halves = make(tiny_model()), make(tiny_model())
     for backend in (whole, halves):
         with_lora_b(backend)
     whole.forward_backward(collate(encoded, pad), objective, None, 1.0)
@@ -325,15 +309,15 @@ def test_gradient_accumulation_matches_one_batch(tiny, pairs, loss):
 
 
 @pytest.mark.parametrize("loss", ["dpo", "tdpo"])
-def test_gradients_match_float64_autograd(tiny, batch, tmp_path, monkeypatch, loss):
+def test_gradients_match_float64_autograd(tiny_model, batch, tmp_path, monkeypatch, loss):
     """The gradient through the gathered, chunked, checkpointed LM head (and, for TDPO1,
     through both KLs) equals float64 autograd through the full log_softmax of the same
     adapter loaded by peft. Chunks of 7 rows, so there are many of them and a remainder."""
     from peft import PeftModel
 
-    monkeypatch.setattr(_torch_logps, "CHUNK_ROWS", 7)
     hparams = {"beta": 0.5, **({"variant": "tdpo1"} if loss == "tdpo" else {})}
-    path, objective = tiny(), losses.get(loss).bind(**hparams)
+    path, objective = tiny_model(), losses.get(loss).bind(**hparams)
+    head_chunk_rows(monkeypatch, path, 7)
     backend = make(path)
     with_lora_b(backend)
     backend.forward_backward(batch, objective, None, 1.0)
@@ -370,7 +354,7 @@ def oracle_kl(peft_model, batch):
 # -- 4. the optimizer ---------------------------------------------------------------------
 
 
-def test_first_adamw_step_and_clipping(tiny, batch):
+def test_first_adamw_step_and_clipping(tiny_model, batch):
     """First AdamW step from zero state, bias-corrected (torch.optim.AdamW):
 
         theta <- theta (1 - lr wd)
@@ -381,14 +365,14 @@ def test_first_adamw_step_and_clipping(tiny, batch):
     scale-free, eps is set near the typical |g| so clipping visibly changes the update.
     """
     lr, wd, objective = 1e-2, 0.1, losses.get("dpo").bind()
-    probe = make(tiny())
+    probe = make(tiny_model())
     with_lora_b(probe)
     probe.forward_backward(batch, objective, None, 1.0)
     g = probe.gradients()
     norm = np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in g.values()))
     eps = float(np.median(np.abs(np.concatenate([v.ravel() for v in g.values()]))))
     for max_norm in (None, norm / 4):
-        backend = make(tiny())
+        backend = make(tiny_model())
         theta = with_lora_b(backend)
         backend.setup_optimizer(OptimizerSettings(weight_decay=wd, eps=eps))
         backend.forward_backward(batch, objective, None, 1.0)
@@ -406,10 +390,10 @@ def test_first_adamw_step_and_clipping(tiny, batch):
 # -- 5. TDPO's KL -------------------------------------------------------------------------
 
 
-def test_tdpo_kl_matches_full_vocabulary_kl(tiny, batch, monkeypatch):
+def test_tdpo_kl_matches_full_vocabulary_kl(tiny_model, batch, monkeypatch):
     """Chunks of 7 rows: the chunked KL is stitched back in the right order."""
-    monkeypatch.setattr(_torch_logps, "CHUNK_ROWS", 7)
-    path = tiny()
+    path = tiny_model()
+    head_chunk_rows(monkeypatch, path, 7)
     spy = Spy(losses.get("tdpo").bind())
     noop = make(path)
     noop.evaluate(batch, spy, None)
@@ -435,10 +419,10 @@ def test_tdpo_kl_matches_full_vocabulary_kl(tiny, batch, monkeypatch):
 # -- 6. saved weights ---------------------------------------------------------------------
 
 
-def test_saved_adapter_loads_in_peft(tiny, batch, tmp_path):
+def test_saved_adapter_loads_in_peft(tiny_model, batch, tmp_path):
     from peft import PeftModel
 
-    path = tiny()
+    path = tiny_model()
     backend = make(path)
     with_lora_b(backend)
     backend.save_weights(tmp_path)
@@ -450,9 +434,9 @@ def test_saved_adapter_loads_in_peft(tiny, batch, tmp_path):
         close(got, want, f"peft-loaded adapter {side}")
 
 
-def test_saved_full_model_loads_in_transformers(tiny, batch, tmp_path):
+def test_saved_full_model_loads_in_transformers(tiny_model, batch, tmp_path):
     """Tied embeddings: no separate lm_head.weight is trained or needed."""
-    backend = make(tiny("qwen2", tie=True), finetune="full", keep_reference=False)
+    backend = make(tiny_model("qwen2", tie=True), finetune="full", keep_reference=False)
     state = backend.trainable_state()
     assert "lm_head.weight" not in state
     rng = np.random.default_rng(2)
@@ -469,7 +453,7 @@ def test_saved_full_model_loads_in_transformers(tiny, batch, tmp_path):
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_resume_repeats_the_next_step_exactly(tiny, batch, tmp_path, finetune):
+def test_resume_repeats_the_next_step_exactly(tiny_model, batch, tmp_path, finetune):
     """Step 2 after save/load equals step 2 of the uninterrupted run: weights, AdamW moments
     and, with LoRA dropout 0.05, the dropout masks (the RNG). A run that reseeds instead
     of restoring the RNG gives another loss, so the RNG restore is what is tested."""
@@ -481,7 +465,7 @@ def test_resume_repeats_the_next_step_exactly(tiny, batch, tmp_path, finetune):
         return loss
 
     def fresh():
-        backend = make(tiny(), finetune=finetune, dropout=0.05)
+        backend = make(tiny_model(), finetune=finetune, dropout=0.05)
         backend.setup_optimizer(OptimizerSettings(weight_decay=0.01))
         return backend
 
@@ -505,11 +489,11 @@ def test_resume_repeats_the_next_step_exactly(tiny, batch, tmp_path, finetune):
 # -- 8. bfloat16 --------------------------------------------------------------------------
 
 
-def test_bfloat16_is_close_to_float32(tiny, batch):
-    """bf16 keeps ~3 significant digits: on this tiny model per-token log-probs move by a
-    few hundredths of a nat (ECOSYSTEM.md: ~0.007 nats per sequence on a tiny model);
+def test_bfloat16_is_close_to_float32(tiny_model, batch):
+    """bf16 keeps ~3 significant digits: on this tiny_model model per-token log-probs move by a
+    few hundredths of a nat (ECOSYSTEM.md: ~0.007 nats per sequence on a tiny_model model);
     tolerance 0.1 per token, 0.02 on average."""
-    path = tiny()
+    path = tiny_model()
     bf16 = make(path, dtype="bfloat16")
     assert next(bf16.model.get_base_model().parameters()).dtype == torch.bfloat16
     for got, want in zip(bf16.logps(batch), make(path).logps(batch), strict=True):
@@ -523,8 +507,8 @@ def test_bfloat16_is_close_to_float32(tiny, batch):
 # -- 9. full fine-tuning references -------------------------------------------------------
 
 
-def test_full_finetuning_keeps_a_frozen_reference(tiny, batch):
-    path = tiny()
+def test_full_finetuning_keeps_a_frozen_reference(tiny_model, batch):
+    path = tiny_model()
     backend = make(path, finetune="full")
     assert "lm_head.weight" in backend.trainable_state()  # untied
     initial = naive_logps(hf_model(path), batch)
@@ -537,21 +521,22 @@ def test_full_finetuning_keeps_a_frozen_reference(tiny, batch):
         assert np.abs(policy[i] - initial[i]).max() > 1e-3, "the policy did not move"
 
 
-def test_full_finetuning_reference_from_ref_path(tiny, batch):
-    other = tiny(seed=5)
-    backend = make(tiny(), finetune="full", ref_path=str(other))
+def test_full_finetuning_reference_from_ref_path(tiny_model, batch):
+    other = tiny_model(seed=5)
+    backend = make(tiny_model(), finetune="full", ref_path=str(other))
     for got, want in zip(backend.logps(batch, reference=True), naive_logps(hf_model(other), batch),
                          strict=True):  # fmt: skip
         close(got, want, "reference from ref_path")
 
 
-def test_full_finetuning_without_reference_needs_it_precomputed(tiny, batch):
-    """Before the first step the policy is the reference (so the core can precompute it);
-    after it, a reference-needing step without precomputed log-probs is an error."""
-    backend = make(tiny(), finetune="full", keep_reference=False)
-    ref = backend.logps(batch, reference=True)
-    for got, want in zip(ref, backend.logps(batch), strict=True):
-        close(got, want, "reference at the start")
+def test_full_finetuning_without_reference_needs_it_precomputed(tiny_model, batch):
+    """No reference model: the reference is the initial policy, whose log-probs the core
+    precomputes (``tabpo.training.reference``); asking the backend for the reference is an
+    error before the first step as after it, and a step needs the precomputed log-probs."""
+    backend = make(tiny_model(), finetune="full", keep_reference=False)
+    with pytest.raises(TabpoError, match="precomputed"):
+        backend.logps(batch, reference=True)
+    ref = backend.logps(batch)
     backend.setup_optimizer(OptimizerSettings())
     dpo = losses.get("dpo").bind()
     backend.forward_backward(batch, dpo, ref, 1.0)
@@ -564,5 +549,5 @@ def test_full_finetuning_without_reference_needs_it_precomputed(tiny, batch):
     assert np.isfinite(backend.forward_backward(batch, losses.get("simpo").bind(), None, 1.0).loss)
 
 
-def test_peak_memory_is_reported(tiny):
-    assert make(tiny()).peak_memory_gb() > 0
+def test_peak_memory_is_reported(tiny_model):
+    assert make(tiny_model()).peak_memory_gb() > 0

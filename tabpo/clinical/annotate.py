@@ -9,18 +9,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tabpo.clinical.evaluation import score
 from tabpo.clinical.pairs import build_pairs
 from tabpo.common.errors import DataError
 from tabpo.data.records import parse_record
+from tabpo.training.backend import Backend
 from tabpo.training.generation import generate
 
 __all__ = ["evaluate", "make_pairs", "predict", "read_records"]
-
-if TYPE_CHECKING:
-    from tabpo.training.backend import Backend
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -14,17 +14,15 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tabpo.clinical import generate_split
 from tabpo.clinical.annotate import evaluate, make_pairs, predict, read_records
 from tabpo.common.files import write_jsonl
 from tabpo.data.encoding import load_tokenizer
 from tabpo.training import config as cfg
+from tabpo.training.backend import Backend, ModelOptions
 from tabpo.training.loop import Callbacks, train
-
-if TYPE_CHECKING:
-    from tabpo.training.backend import Backend
 
 DEFAULT_METHODS = ("dpo", "tabpo")
 FULL_METHODS = ("dpo", "ipo", "simpo", "cal_dpo", "dpop", "tabpo")
@@ -76,8 +74,6 @@ def run_demo(
                                     data / "pref.jsonl"))  # fmt: skip
     tokenizer = load_tokenizer(s.model)
     sft = make_backend(s.backend)
-    from tabpo.training.backend import ModelOptions
-
     sft.load(ModelOptions(path=str(s.model), finetune="full", keep_reference=False))
 
     def answers(backend: Backend, records: list[dict[str, Any]], name: str) -> list[str]:

@@ -115,37 +115,6 @@ def _pad(
     return ids, attention, mask, weights
 
 
-@dataclass(frozen=True)
-class Targets:
-    """Where the completion tokens of a forward are, for a gathered LM head.
-
-    The log-prob of token t comes from the hidden state that precedes it, so a backend
-    computes logits only for the U ``hidden_index`` rows of the flattened hidden states,
-    takes the log-prob of ``target_ids``, and places value ``source[k]`` at ``out_index[k]``
-    of a zero (N*T,) vector: a (N, T) log-prob matrix aligned with the masks. In the plain
-    layout U = K and ``source`` is 0..K-1; the shared-prefix layout (``tabpo.data.layout``)
-    computes a token both sides share once and places it twice.
-    """
-
-    hidden_index: np.ndarray  # (U,) int64, flat hidden row, b*T + t - 1 in the plain layout
-    target_ids: np.ndarray  # (U,) int64, the token each row predicts
-    out_index: np.ndarray  # (K,) int64, flat index b*T + t into the (N, T) output
-    source: np.ndarray  # (K,) int64, which of the U values goes to out_index[k]
-
-
-def targets(ids: np.ndarray, mask: np.ndarray) -> Targets:
-    """The completion positions of ``ids`` (N, T) under ``mask`` (N, T), row-major order."""
-    rows, cols = np.nonzero(mask[:, 1:] > 0)  # position 0 is never a completion token
-    cols = cols + 1
-    width = ids.shape[1]
-    return Targets(
-        hidden_index=(rows * width + cols - 1).astype(np.int64),
-        target_ids=ids[rows, cols].astype(np.int64),
-        out_index=(rows * width + cols).astype(np.int64),
-        source=np.arange(len(rows), dtype=np.int64),
-    )
-
-
 def concat_sides(batch: PairBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ids, attention mask and completion mask of chosen and rejected stacked to (2B, T)
     (just the chosen (B, T) in a completion-only batch)."""

@@ -24,6 +24,9 @@ causally to the shared prefix and earlier padding (never read, but finite).
 
 ``sharing="auto"`` forks a batch when that runs at most ``AUTO_FORK_RATIO`` of the
 plain layout's padded positions.
+
+Whichever layout ran, a backend computes per-token values only at the U target rows, with
+the LM head over ``head_chunks`` of them, and ``place`` puts them into the (N, T) matrices.
 """
 
 from __future__ import annotations
@@ -33,11 +36,45 @@ from typing import Any
 
 import numpy as np
 
-from tabpo.data.batching import PairBatch, Targets, concat_sides, targets
+from tabpo.data.batching import PairBatch, concat_sides
+from tabpo.losses.xp import Array, namespace
 
 SHARING = ("auto", "on", "off")
 AUTO_FORK_RATIO = 0.85
 PAD_SEGMENT = -1
+# float32 logits one LM-head chunk may hold (256 MB): 1365 rows of a 49k vocabulary
+LOGITS_PER_CHUNK = 1 << 26
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where the completion tokens of a forward are, for a gathered LM head.
+
+    The log-prob of token t comes from the hidden state that precedes it, so a backend
+    computes logits only for the U ``hidden_index`` rows of the flattened hidden states,
+    takes the log-prob of ``target_ids``, and places value ``source[k]`` at ``out_index[k]``
+    of a zero (N*T,) vector: a (N, T) log-prob matrix aligned with the masks. In the plain
+    layout U = K and ``source`` is 0..K-1; the shared-prefix layout (``tabpo.data.layout``)
+    computes a token both sides share once and places it twice.
+    """
+
+    hidden_index: np.ndarray  # (U,) int64, flat hidden row, b*T + t - 1 in the plain layout
+    target_ids: np.ndarray  # (U,) int64, the token each row predicts
+    out_index: np.ndarray  # (K,) int64, flat index b*T + t into the (N, T) output
+    source: np.ndarray  # (K,) int64, which of the U values goes to out_index[k]
+
+
+def targets(ids: np.ndarray, mask: np.ndarray) -> Targets:
+    """The completion positions of ``ids`` (N, T) under ``mask`` (N, T), row-major order."""
+    rows, cols = np.nonzero(mask[:, 1:] > 0)  # position 0 is never a completion token
+    cols = cols + 1
+    width = ids.shape[1]
+    return Targets(
+        hidden_index=(rows * width + cols - 1).astype(np.int64),
+        target_ids=ids[rows, cols].astype(np.int64),
+        out_index=(rows * width + cols).astype(np.int64),
+        source=np.arange(len(rows), dtype=np.int64),
+    )
 
 
 @dataclass(frozen=True)
@@ -62,6 +99,14 @@ class Layout:
     def tokens(self) -> int:
         """Tokens the forward runs (padding excluded)."""
         return int(self.attention.sum())
+
+    @property
+    def placement(self) -> np.ndarray:
+        """(N*T,) int64 for ``place``: 0 where no completion token sits, else 1 + the index
+        of its value among the U computed ones (a token both sides share is read twice)."""
+        index = np.zeros(self.shape[0] * self.shape[1], dtype=np.int64)
+        index[self.targets.out_index] = self.targets.source + 1
+        return index
 
 
 def layout(batch: PairBatch, sharing: str = "auto") -> Layout:
@@ -145,3 +190,24 @@ def fork_mask(segments: Any, order: Any) -> Any:
     causal = order[None, :] <= order[:, None]  # (L, L): key j <= query i
     key, query = segments[:, None, :], segments[:, :, None]
     return causal[None, :, :] & ((key == 0) | (key == query))
+
+
+def head_chunks(rows: int, vocab: int) -> list[slice]:
+    """Slices of the U target rows for the LM head, each at most ``LOGITS_PER_CHUNK``
+    float32 logits (rows x vocab), so (U, V) logits are never held at once."""
+    step = max(1, LOGITS_PER_CHUNK // max(vocab, 1))
+    return [slice(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
+def place(values: Array, placement: Array, shape: tuple[int, int]) -> Array:
+    """Per-target values (U,) as the (N, T) matrix the losses read, 0 off the targets.
+
+        out.flat[i] = [0, values...][placement[i]]
+
+    A gather, differentiable in ``values`` on every namespace: the gradient of a value
+    placed twice (a token both sides share) is the sum of both positions' gradients.
+    ``placement`` is ``Layout.placement`` as an index array of ``values``' namespace.
+    """
+    xp = namespace(values)
+    padded = xp.concat([xp.zeros_like(xp.sum(values, axis=0, keepdims=True)), values])
+    return xp.reshape(xp.take(padded, placement, axis=0), shape)

@@ -1,9 +1,12 @@
-"""The Backend protocol: everything that differs between MLX and PyTorch, on one screen.
+"""The Backend contract: what the training loop requires of a backend, on one screen.
 
-The core hands a backend right-padded NumPy batches (``tabpo.data.batching.PairBatch``) and an
-``Objective`` (a loss of the library with its hyperparameters); the backend runs the model,
-calls the objective on its own arrays, and returns plain floats and NumPy arrays. Batching,
-schedules, accumulation, logging, checkpoint cadence and metrics live in the core.
+The loop hands a backend right-padded NumPy batches (``tabpo.data.batching.PairBatch``) and an
+``Objective`` (``tabpo.losses.Objective``: a loss with its hyperparameters bound); the backend
+runs the model, calls the objective on its own arrays, and returns plain floats and NumPy
+arrays. Batching, schedules, accumulation, logging, checkpoint cadence and metrics live in the
+core, and so does every rule both backends must apply alike: the options checked here, the
+reference rules of ``tabpo.training.reference``, the layout and placement of per-token values
+of ``tabpo.data.layout``. A backend keeps only what its library forces on it.
 
 Canonical parameter names (for ``trainable_state`` / ``gradients``): Hugging Face names
 without any wrapper prefix. Full fine-tuning: ``model.layers.0.self_attn.q_proj.weight``...
@@ -13,22 +16,48 @@ orientation, so ``W + scale * B @ A`` is the merged weight on both stacks.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from tabpo.common.errors import TabpoError
 from tabpo.data.batching import PairBatch
+from tabpo.data.layout import SHARING
+from tabpo.losses import Objective
+from tabpo.losses.xp import to_float
 from tabpo.models.families import LORA_TARGETS
 
 DTYPES = ("float32", "bfloat16", "float16")
 FINETUNE_MODES = ("lora", "full")
 
 
+def check_choice(option: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise TabpoError(f"{option} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def check_model_options(
+    *, dtype: str, finetune: str, prefix_sharing: str, ref_path: str | None
+) -> None:
+    """The model options' values and their one contradiction, checked before any model loads
+    (``ModelOptions`` and the training configuration both call this)."""
+    check_choice("--dtype", dtype, DTYPES)
+    check_choice("--finetune", finetune, FINETUNE_MODES)
+    check_choice("--prefix-sharing", prefix_sharing, SHARING)
+    if ref_path and finetune == "lora":
+        raise TabpoError(
+            "--ref-model is for full fine-tuning; with LoRA the reference is the adapter-free model"
+        )
+
+
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA on every layer; the same settings mean the same function on both backends."""
+    """LoRA on every layer; the same settings mean the same function on both backends.
+    These defaults are the training configuration's defaults too."""
 
     rank: int = 16
     alpha: float = 32.0
@@ -39,9 +68,41 @@ class LoraSettings:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def check_targets(self, available: Collection[str]) -> None:
+        """A target the library would silently skip (or fail on) is named here with the
+        model's linear layers (``available``: their last name components)."""
+        if not self.target_modules:
+            raise TabpoError("LoRA needs at least one target module")
+        for target in self.target_modules:
+            if target not in available:
+                raise TabpoError(
+                    f"LoRA target module '{target}' is not in the model "
+                    f"(its linear layers: {', '.join(sorted(available))})"
+                )
+
+
+def seeded_lora_init(state: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """LoRA factors drawn from ``seed`` alone, so both backends start from the same function.
+
+    A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform with a = sqrt(5), and mlx-lm's
+    range), B = 0: the adapter starts as a no-op, as in both libraries.
+    """
+    rng = np.random.default_rng([seed, 0x10A])
+    out = {}
+    for name in sorted(state):
+        shape = state[name].shape
+        if name.endswith("lora_A"):
+            bound = 1.0 / math.sqrt(shape[1])
+            out[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+        else:
+            out[name] = np.zeros(shape, dtype=np.float32)
+    return out
+
 
 @dataclass(frozen=True)
 class ModelOptions:
+    """What to load and how; checked when built (``check_model_options``)."""
+
     path: str
     dtype: str = "float32"
     finetune: str = "lora"
@@ -49,7 +110,11 @@ class ModelOptions:
     device: str | None = None  # torch only: cuda, mps, cpu; None picks cuda > mps > cpu
     ref_path: str | None = None  # full fine-tuning: a separate reference model directory
     keep_reference: bool = True  # full fine-tuning: keep a frozen copy as the reference
-    prefix_sharing: str = "auto"  # tabpo.data.layout.SHARING: fork each pair at its shared prefix
+    prefix_sharing: str = "auto"  # tabpo.data.layout.SHARING: fork each pair at its prefix
+
+    def __post_init__(self) -> None:
+        check_model_options(dtype=self.dtype, finetune=self.finetune,
+                            prefix_sharing=self.prefix_sharing, ref_path=self.ref_path)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -70,28 +135,15 @@ class StepResult:
     per_pair: np.ndarray  # (B,)
     tokens: int  # non-padding tokens in the forward pass (chosen + rejected)
 
-
-class Objective(Protocol):
-    """A loss of the library with its hyperparameters bound (``tabpo.objective``)."""
-
-    needs_reference: bool
-    needs_kl: bool
-
-    def __call__(
-        self,
-        policy_chosen: Any,
-        policy_rejected: Any,
-        ref_chosen: Any,
-        ref_rejected: Any,
-        chosen_mask: Any,
-        rejected_mask: Any,
-        chosen_weights: Any,
-        rejected_weights: Any,
-        chosen_kl: Any = None,
-        rejected_kl: Any = None,
-    ) -> tuple[Any, dict[str, Any]]:
-        """``(per_pair (B,), metrics)`` in the arrays' own namespace."""
-        ...
+    @classmethod
+    def of(
+        cls, batch: PairBatch, loss: Any, per_pair: Any, metrics: dict[str, Any],
+        to_numpy: Callable[[Any], np.ndarray],
+    ) -> StepResult:  # fmt: skip
+        """From a backend's own arrays (0-d ``loss`` and metrics, (B,) ``per_pair``);
+        ``to_numpy`` is the backend's float32 copy to the host."""
+        return cls(loss=to_float(loss), metrics={k: to_float(v) for k, v in metrics.items()},
+                   per_pair=to_numpy(per_pair), tokens=batch.tokens)  # fmt: skip
 
 
 RefLogps = tuple[np.ndarray, np.ndarray]  # precomputed reference (B, T) chosen, rejected
@@ -166,8 +218,6 @@ def check_state(
 ) -> None:
     """A TabpoError unless ``given`` has exactly the names and shapes of ``expected``
     (name -> shape, canonical names), for loading weights into either backend."""
-    from tabpo.common.errors import TabpoError
-
     missing = sorted(set(expected) - set(given))
     unknown = sorted(set(given) - set(expected))
     if missing or unknown:

@@ -20,11 +20,12 @@ import yaml
 
 from tabpo import losses
 from tabpo.common.errors import TabpoError
-from tabpo.data.layout import SHARING
 from tabpo.losses.weights import ALIGNMENTS, DEFAULT_FIELD_WEIGHTS
+from tabpo.training.backend import DTYPES, FINETUNE_MODES, LoraSettings, check_model_options
 from tabpo.training.schedule import SCHEDULES
 
 BACKENDS = ("auto", "mlx", "torch")
+_LORA = LoraSettings()  # LoRA's defaults are the contract's
 LOSS_HPARAMS = ("beta", "tau", "barrier_weight", "variant", "label_smoothing", "gamma", "lam",
                 "alpha", "normalize")  # fmt: skip
 ALIASES = {"loss_type": "loss", "precompute_ref_log_probs": "precompute_ref"}
@@ -63,14 +64,14 @@ class TrainConfig:
     diff_factor: float = opt(1.2, "TAB-PO weight factor of differing tokens.", "Data")
     align: str = opt("edit", "Difference alignment: edit or position.", "Data")
     # -- model and fine-tuning
-    dtype: str = opt("float32", "float32, bfloat16 or float16.", "Model")
+    dtype: str = opt("float32", f"{', '.join(DTYPES)}.", "Model")
     device: str | None = opt(None, "torch device (default cuda > mps > cpu).", "Model")
-    finetune: str = opt("lora", "lora or full.", "Model")
-    lora_rank: int = opt(16, "LoRA rank r.", "LoRA")
-    lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r on both backends).", "LoRA")
-    lora_dropout: float = opt(0.05, "LoRA dropout.", "LoRA")
+    finetune: str = opt("lora", " or ".join(FINETUNE_MODES) + ".", "Model")
+    lora_rank: int = opt(_LORA.rank, "LoRA rank r.", "LoRA")
+    lora_alpha: float = opt(_LORA.alpha, "LoRA alpha (scale = alpha / r on both backends).", "LoRA")
+    lora_dropout: float = opt(_LORA.dropout, "LoRA dropout.", "LoRA")
     lora_target_modules: str = opt(
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        ",".join(_LORA.target_modules),
         "LoRA target modules, comma-separated (every layer).",
         "LoRA",
     )
@@ -119,6 +120,10 @@ class TrainConfig:
 
     def target_modules(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.lora_target_modules.split(",") if m.strip())
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout,
+                            self.target_modules())  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,10 +215,9 @@ def validate(c: TrainConfig) -> None:
     for name in ("model", "data", "output"):
         need(getattr(c, name) is not None, f"--{name} is required")
     need(c.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}")
-    need(c.finetune in ("lora", "full"), "--finetune must be lora or full")
-    need(c.dtype in ("float32", "bfloat16", "float16"), "--dtype must be float32|bfloat16|float16")
     need(c.align in ALIGNMENTS, f"--align must be one of {', '.join(ALIGNMENTS)}")
-    need(c.prefix_sharing in SHARING, f"--prefix-sharing must be one of {', '.join(SHARING)}")
+    check_model_options(dtype=c.dtype, finetune=c.finetune, prefix_sharing=c.prefix_sharing,
+                        ref_path=c.ref_model)  # fmt: skip
     need(c.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}")
     c.loss_hparams()  # unknown loss or a hyperparameter it does not take
     c.field_weight_map()
@@ -230,16 +234,11 @@ def validate(c: TrainConfig) -> None:
     need(c.max_grad_norm is None or c.max_grad_norm > 0, "--max-grad-norm must be positive")
     need(bool(c.target_modules()), "--lora-target-modules is empty")
     need(not (c.resume and c.force), "--resume and --force contradict each other")
-    need(
-        not (c.ref_model and c.finetune == "lora"),
-        "--ref-model is for full fine-tuning; with LoRA the reference is the adapter-free model",
-    )
     spec = losses.get(c.loss)
     if c.precompute_ref:
         need(not spec.needs_kl, f"--precompute-ref cannot serve loss '{c.loss}': it needs the "
              "full-vocabulary KL to the reference at every step")  # fmt: skip
         need(not spec.reference_free, f"--precompute-ref: loss '{c.loss}' uses no reference")
-        need(c.ref_model is None or c.finetune == "full", "--ref-model needs --finetune full")
 
 
 def use_precomputed_reference(c: TrainConfig) -> bool:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tabpo.data.records import Message
-
-if TYPE_CHECKING:
-    from tabpo.training.backend import Backend
+from tabpo.training.backend import Backend
 
 
 def prompt_ids(tokenizer: Any, prompt: list[Message]) -> list[int]:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from tabpo.common.errors import TabpoError
 from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
@@ -20,12 +18,10 @@ from tabpo.losses import get
 from tabpo.models.families import inspect_model_dir
 from tabpo.training import config as cfg
 from tabpo.training import refcache
+from tabpo.training.backend import Backend, ModelOptions, OptimizerSettings, seeded_lora_init
 from tabpo.training.checkpoint import TrainerState, read_state, resolve_checkpoint
 from tabpo.training.run import Callbacks, Dataset, NonFiniteLoss, Run, step_pairs
 from tabpo.training.tracking import MetricsLog, Throughput
-
-if TYPE_CHECKING:
-    from tabpo.training.backend import Backend
 
 __all__ = ["Callbacks", "Dataset", "NonFiniteLoss", "Run", "step_pairs", "train"]
 
@@ -82,6 +78,7 @@ def reference_table(run: Run, data: Dataset, *, name: str) -> refcache.RefTable:
         return table
     run.callbacks.phase(f"reference ({name})", len(data.pairs))
     # full fine-tuning without --ref-model: the reference is the policy before any step
+    # (tabpo.training.reference), so it is asked for the policy's own log-probs
     separate = c.finetune == "lora" or c.ref_model is not None
     table = refcache.compute(
         lambda b: run.backend.logps(b, reference=separate),
@@ -96,8 +93,6 @@ def reference_table(run: Run, data: Dataset, *, name: str) -> refcache.RefTable:
 
 def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = None) -> Run:
     """Run the whole training job described by ``c``; returns the finished run."""
-    from tabpo.training.backend import LoraSettings, ModelOptions, OptimizerSettings
-
     callbacks = callbacks or Callbacks()
     cfg.validate(c)
     output, resumed, checkpoint = prepare_output(c)
@@ -110,14 +105,13 @@ def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = No
     _report_encoding(callbacks, train_data)
     precompute = cfg.use_precomputed_reference(c)
     objective = get(c.loss).bind(**c.loss_hparams())
-    lora = LoraSettings(c.lora_rank, c.lora_alpha, c.lora_dropout, c.target_modules())
     backend.seed(c.seed)
     backend.load(
         ModelOptions(
             path=c.model or "",
             dtype=c.dtype,
             finetune=c.finetune,
-            lora=lora,
+            lora=c.lora(),
             device=c.device,
             ref_path=c.ref_model,
             keep_reference=objective.needs_reference and not precompute,
@@ -145,24 +139,6 @@ def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = No
     (output / "config.yaml").write_text(cfg.to_yaml(c))
     _loop(run)
     return run
-
-
-def seeded_lora_init(state: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    """LoRA factors drawn from ``seed`` alone, so both backends start from the same function.
-
-    A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform with a = sqrt(5), and mlx-lm's
-    range), B = 0: the adapter starts as a no-op, as in both libraries.
-    """
-    rng = np.random.default_rng([seed, 0x10A])
-    out = {}
-    for name in sorted(state):
-        shape = state[name].shape
-        if name.endswith("lora_A"):
-            bound = 1.0 / math.sqrt(shape[1])
-            out[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
-        else:
-            out[name] = np.zeros(shape, dtype=np.float32)
-    return out
 
 
 def _loop(run: Run) -> None:

@@ -9,15 +9,13 @@ quantity is computed from (a margin of 0.05 is a difference of sequence log-prob
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from tabpo import losses
 from tabpo.data.batching import PairBatch
-
-if TYPE_CHECKING:
-    from tabpo.training.backend import Backend
+from tabpo.training.backend import Backend
 
 # float32: log-probs, losses and metrics to 1e-5; gradients to 3e-5 (MLX's own float32
 # gradients are up to 1.6e-5 from float64 on small random models, torch's 4e-6).

@@ -11,7 +11,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -22,12 +22,10 @@ from tabpo.data.encoding import EncodedPair, EncodeStats
 from tabpo.losses import Objective
 from tabpo.training import config as cfg
 from tabpo.training import refcache
+from tabpo.training.backend import Backend, StepResult
 from tabpo.training.checkpoint import TrainerState, write_state
 from tabpo.training.schedule import learning_rate, warmup_steps
 from tabpo.training.tracking import combine
-
-if TYPE_CHECKING:
-    from tabpo.training.backend import Backend, StepResult
 
 
 class NonFiniteLoss(TabpoError):
