@@ -2,9 +2,9 @@
 
 mlx-lm is always given ``ModelInfo.mlx_overrides()``: without them it reads a config written
 by transformers 5 with its own defaults for ``rope_theta`` and ``tie_word_embeddings`` and
-builds a different function (ECOSYSTEM.md, "Weights across the two stacks").
+builds a different function (docs/design.md, "Two stacks, one model").
 
-Canonical names (backends/base.py): mlx-lm stores LoRA factors as ``lora_a`` (in, r) and
+Canonical names (tabpo/training/backend.py): mlx-lm stores LoRA factors as ``lora_a`` (in, r) and
 ``lora_b`` (r, out); the canonical ``lora_A`` (r, in) and ``lora_B`` (out, r) are their
 transposes. Every other name is already Hugging Face's.
 """

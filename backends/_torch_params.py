@@ -1,6 +1,6 @@
 """Trainable parameters under canonical names, and the files that hold them.
 
-Canonical names are Hugging Face names without any wrapper (``backends.base``): peft's
+Canonical names are Hugging Face names without any wrapper (``tabpo.training.backend``): peft's
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` is
 ``model.layers.0.self_attn.q_proj.lora_A``; a full model's names are already canonical (a
 tied ``lm_head.weight`` is the embedding, so it is not a parameter of its own).

@@ -45,7 +45,7 @@ _RefInputs = tuple[tuple[mx.array, mx.array] | None, tuple[nn.Module, mx.array] 
 
 
 class MlxBackend:
-    """The ``Backend`` protocol (backends/base.py) on MLX and mlx-lm."""
+    """The ``Backend`` contract (tabpo/training/backend.py) on MLX and mlx-lm."""
 
     name = "mlx"
 

@@ -1,4 +1,4 @@
-"""The PyTorch backend: transformers models, peft LoRA, AdamW (``backends.base.Backend``).
+"""The PyTorch backend: transformers models, peft LoRA, AdamW (``tabpo.training.backend.Backend``).
 
 One step runs chosen and rejected as one (2B, T) forward of the decoder; the LM head sees
 only the completion positions (``backends._torch_logps``). The reference is the same model

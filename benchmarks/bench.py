@@ -24,7 +24,8 @@ the forward gradient checkpointing repeats: ``flops_per_token``) and ``tokens_ru
 tokens per pair its forward actually runs (the shared prefix once for a forked tabpo
 runner). It counts the LM head on every position, which tabpo skips, so it is an
 estimate. MLX runners run on the small fixture only (Linux CPU is slow for MLX), once
-with MLX's bundled BLAS and once with the system OpenBLAS preloaded (``LD_PRELOAD``, ECOSYSTEM.md).
+with MLX's bundled BLAS and once with the system OpenBLAS preloaded (``LD_PRELOAD``,
+docs/design.md).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def eval(  # noqa: A001 (the command's name)
     out: Annotated[Path | None, typer.Option(help="Write metrics + predictions JSON.")] = None,
 ) -> None:
     """Greedy-decode every prompt and score it: Code / Sub-code micro-F1, relaxed Span F1
-    (the paper's), strict triplet F1, JSON validity (METHOD.md §5)."""
+    (the paper's), strict triplet F1, JSON validity (docs/method.md §5)."""
     from tabpo.clinical.annotate import evaluate, predict, read_records
 
     records = read_records(data)
@@ -96,7 +96,7 @@ def pairs(
     max_new_tokens: MaxNew = 256,
     force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
 ) -> None:
-    """Build preference pairs by METHOD.md §4: minimal schema-valid edits of the gold answer
+    """Build preference pairs by docs/method.md §4: minimal schema-valid edits of the gold answer
     drawn from the model's confusions (or the model's own wrong answers, or uniform rules)."""
     from tabpo.clinical.annotate import make_pairs, predict, read_records
     from tabpo.common.files import write_jsonl

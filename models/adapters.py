@@ -288,7 +288,7 @@ def read_adapter(path: Path) -> Adapter:
 
 def read_canonical(path: Path) -> dict[str, np.ndarray]:
     """The factors of a PEFT or mlx-lm adapter under the backends' canonical names
-    (``<path>.lora_A`` (r, in), ``<path>.lora_B`` (out, r), backends/base.py), float32.
+    (``<path>.lora_A`` (r, in), ``<path>.lora_B`` (out, r), tabpo/training/backend.py), float32.
     The scale is not part of this state: the backend's LoraSettings must match it."""
     adapter = read_adapter(Path(path))
     if adapter.dora:

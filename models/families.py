@@ -3,7 +3,7 @@
 Both transformers and mlx-lm name the parameters of these families identically
 (``model.layers.N.self_attn.q_proj.weight``...), so weights move between them unchanged.
 Two config keys are read differently by the two stacks and are resolved here once
-(ECOSYSTEM.md, "Weights across the two stacks"): ``tie_word_embeddings`` (mlx-lm defaults
+(docs/design.md, "Two stacks, one model"): ``tie_word_embeddings`` (mlx-lm defaults
 to True, transformers to False) and ``rope_theta`` (transformers 5 nests it under
 ``rope_parameters``; mlx-lm's llama and qwen2 read only the top-level key).
 """

@@ -26,7 +26,7 @@ from tabpo.common.files import write_jsonl
 
 SMALL = {"sft": 400, "pref": 200, "dev": 100, "test": 200}
 
-# METHOD.md section 6, copied by hand
+# docs/method.md §6, copied by hand
 METHOD_SCHEMA = {
     "PartnershipPatient": [
         "Appreciation/Gratitude", "Clinical care", "activeParticipation/involvement",

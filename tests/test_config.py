@@ -17,7 +17,7 @@ def write(tmp_path, text):
 
 
 def test_defaults_are_the_reference_implementation():
-    """METHOD.md: lr 2e-4, 3 epochs, batch 1 x 2, warmup 10%, linear, no clipping,
+    """docs/method.md §2: lr 2e-4, 3 epochs, batch 1 x 2, warmup 10%, linear, no clipping,
     LoRA 16 / 32 / 0.05 on the seven projections."""
     c = cfg.build({}, REQUIRED)
     assert (c.learning_rate, c.epochs, c.batch_size, c.gradient_accumulation_steps) == (

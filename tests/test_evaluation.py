@@ -1,4 +1,4 @@
-"""Metrics of METHOD.md section 5 on hand-made examples, expected numbers worked by hand."""
+"""Metrics of docs/method.md §5 on hand-made examples, expected numbers worked by hand."""
 
 from __future__ import annotations
 

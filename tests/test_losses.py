@@ -1,4 +1,4 @@
-"""Hand-worked NumPy checks of every loss (METHOD.md §2-3); derivations in the docstrings."""
+"""Hand-worked NumPy checks of every loss (docs/method.md §2-3); derivations in the docstrings."""
 
 from __future__ import annotations
 

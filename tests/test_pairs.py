@@ -1,4 +1,4 @@
-"""Preference pairs of METHOD.md section 4: confusion tables, edits, build_pairs."""
+"""Preference pairs of docs/method.md §4: confusion tables, edits, build_pairs."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from tabpo.clinical.pairs import (
 
 PP, SDP, SEB = "PartnershipPatient", "SharedDecisionPatient", "SocioEmotionalBehaviour"
 P2P = PATIENT_TO_PROVIDER
-# METHOD.md section 4, copied by hand
+# docs/method.md §4, copied by hand
 METHOD_PROBS = {
     "code_swap": 0.25,
     "subcode_swap": 0.35,

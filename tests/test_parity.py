@@ -1,8 +1,9 @@
 """MLX and PyTorch compute the same thing: one safetensors model loaded by both backends.
 
 float32 throughout (bf16 has its own loose smoke test). Tolerance: 1e-5 relative to the
-largest magnitude of the quantity compared (ECOSYSTEM.md: the stacks agree to ~2e-6 on the
-logits of a small model). Failure messages print the max and mean difference.
+largest magnitude of the quantity compared (docs/design.md, "Two stacks, one model": the
+stacks agree to ~2e-6 on the logits of a small model). Failure messages print the max and
+mean difference.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def test_full_finetuning_gradients_agree(family_dir, batch):
 
 
 def test_bf16_smoke(family_dir, batch):
-    """bf16 on both stacks: sequence log-probs within 0.1 nats (ECOSYSTEM.md: ~0.02 over 128
+    """bf16 on both stacks: sequence log-probs within 0.1 nats (the stacks differ by ~0.02 over 128
     tokens on a tiny model; our completions are ~40 tokens but weights are larger)."""
     t, m = both(family_dir, dtype="bfloat16")
     tc, mc = t.logps(batch)[0].sum(-1), m.logps(batch)[0].sum(-1)

@@ -1,4 +1,4 @@
-"""Token weights (METHOD.md section 1): field values, difference marks, their product.
+"""Token weights (docs/method.md §1): field values, difference marks, their product.
 
 Two hand-checkable "tokenizers" are used:
 

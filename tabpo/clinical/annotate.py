@@ -60,7 +60,7 @@ def predict(
 def evaluate(
     records: Sequence[dict[str, Any]], predictions: Sequence[str], *, snap: bool = False
 ) -> dict[str, float]:
-    """METHOD.md §5 metrics of ``predictions`` against the records' gold completions."""
+    """docs/method.md §5 metrics of ``predictions`` against the records' gold completions."""
     messages = [str(r["message"]) for r in records if isinstance(r.get("message"), str)]
     have = len(messages) == len(records)
     return score([r["completion"] for r in records], predictions, snap=snap and have,

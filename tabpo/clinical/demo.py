@@ -1,10 +1,10 @@
 """`tabpo demo`: SFT vs DPO vs TAB-PO (and the other baselines) on the embedded benchmark.
 
 One offline run: generate the benchmark's preference / dev / test splits, load the shipped
-SFT model, build pairs from its own confusions on the preference split (METHOD.md §4),
+SFT model, build pairs from its own confusions on the preference split (docs/method.md §4),
 train each method from the same SFT weights under the same budget (full fine-tuning, the
 same steps, batch and learning rate), evaluate every model on the held-out test phrasings
-(METHOD.md §5), and write ``report.md``, ``results.json`` and ``figure.png``.
+(docs/method.md §5), and write ``report.md``, ``results.json`` and ``figure.png``.
 """
 
 from __future__ import annotations

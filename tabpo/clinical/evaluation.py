@@ -1,4 +1,4 @@
-"""The paper's evaluation of JSON annotations (METHOD.md section 5), plus stricter metrics.
+"""The paper's evaluation of JSON annotations (docs/method.md §5), plus stricter metrics.
 
 Every metric is micro-averaged over the whole test set, from summed counts:
 
@@ -47,7 +47,7 @@ class Parsed(NamedTuple):
 
 
 def parse_prediction(text: str) -> Parsed:
-    """Items of a model answer, recovering what it can (METHOD.md section 5).
+    """Items of a model answer, recovering what it can (docs/method.md §5).
 
     1. ``json.loads(text)``; valid JSON gives its items, whatever its shape.
     2. Otherwise unescape HTML entities and try ``json.loads`` again, then also with every

@@ -1,4 +1,4 @@
-"""Preference pairs by minimal, schema-valid edits of the gold annotation (METHOD.md section 4).
+"""Preference pairs by minimal, schema-valid edits of the gold annotation (docs/method.md §4).
 
 Confusion tables, from an SFT model's greedy predictions: for each example, with
 FN = gold labels not predicted and FP = predicted labels not in gold (label sets),

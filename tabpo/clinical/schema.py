@@ -1,4 +1,4 @@
-"""The annotation schema of the paper (METHOD.md section 6) and its one JSON serialisation.
+"""The annotation schema of the paper (docs/method.md §6) and its one JSON serialisation.
 
 8 codes and 26 sub-codes (27 exact strings: "Clinical care" under PartnershipPatient and
 "Clinical Care" under PartnershipProvider differ in case). SocioEmotionalBehaviour and the

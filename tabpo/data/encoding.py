@@ -1,6 +1,6 @@
 """Preference pairs tokenized as the trainer sees them, and right-padded batches of them.
 
-With a chat template (ECOSYSTEM.md, "Chat templates"):
+With a chat template (docs/design.md, "Two stacks, one model"):
 
     prompt_text     = template(prompt, add_generation_prompt=True)
     full_text       = template(prompt + [assistant: answer])

@@ -1,4 +1,4 @@
-"""DPO and the variants that share its log-ratio margin (METHOD.md §3).
+"""DPO and the variants that share its log-ratio margin (docs/method.md §3).
 
     h+ = sum_t m_t (l_t - r_t) on the chosen, h- likewise on the rejected, z = h+ - h-
 

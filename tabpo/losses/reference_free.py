@@ -1,4 +1,4 @@
-"""Losses that need no reference model: SimPO, ORPO and plain SFT (METHOD.md §3).
+"""Losses that need no reference model: SimPO, ORPO and plain SFT (docs/method.md §3).
 
 ``a = sum_t m_t l_t / |y|`` is the token-mean log-prob of a completion, shape (B,).
 """

@@ -1,7 +1,8 @@
 """TAB-PO: token-weighted, reference-adjusted preference term plus a conditional barrier.
 
 Token-Adaptive Barrier Preference Optimization (arXiv 2603.00025). Shapes: (B, T) in,
-(B,) per pair. See METHOD.md §1-2 for the derivation and the reference implementation.
+(B,) per pair. See docs/method.md §1-2 for the formulas and where we differ from the
+reference implementation.
 """
 
 from __future__ import annotations

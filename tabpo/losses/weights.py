@@ -1,4 +1,4 @@
-"""Data-side token weights of TAB-PO (METHOD.md section 1, steps 1-3).
+"""Data-side token weights of TAB-PO (docs/method.md §1, steps 1-3).
 
 For one completion of T tokens with character ranges [s_t, e_t) into its text:
 

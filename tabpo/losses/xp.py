@@ -1,8 +1,8 @@
 """The array protocol: find the namespace of the arrays, plus the helpers losses need.
 
 NumPy and torch arrays go through array-api-compat; MLX arrays use ``mlx.core``, which is
-close enough to the array API for everything the losses do (see STYLE.md). Nothing here
-imports torch or mlx: the namespace comes from the arrays themselves.
+close enough to the array API for everything the losses do (docs/design.md, "Adding a
+loss"). Nothing here imports torch or mlx: the namespace comes from the arrays themselves.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ YAML keys are the option names (``learning_rate`` or ``learning-rate``); a flag 
 the command line overrides the file, which overrides the defaults. TRL's names are used
 where the meaning is the same, and TRL's spellings ``loss_type`` and
 ``precompute_ref_log_probs`` are accepted as aliases. Defaults follow the TAB-PO reference
-implementation (METHOD.md): lr 2e-4, 3 epochs, batch 1 x 2 accumulation, warmup 10%,
+implementation (docs/method.md §2): lr 2e-4, 3 epochs, batch 1 x 2 accumulation, warmup 10%,
 linear decay, no clipping, LoRA r 16 / alpha 32 / dropout 0.05 on all projections.
 """
 
