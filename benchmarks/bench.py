@@ -2,6 +2,8 @@
 
     python -m benchmarks.bench --out bench-results            # small + large fixture, sweep
     python -m benchmarks.bench --out bench-results --quick    # small fixture only, fewer steps
+    python -m benchmarks.bench --out bench-repeat --sharing-repeat 3 --steps 10 --warmup 2
+                                          # prefix sharing on vs off again, alternated
 
 Every runner trains the same fixture (``benchmarks/fixture.py``) with the same LoRA (rank
 16, alpha 32, dropout 0, all 7 projections), batch, learning rate and float32 weights, in
@@ -398,6 +400,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small fixture only, 5 steps")
     parser.add_argument("--no-mlx", action="store_true", help="skip the MLX runners")
     parser.add_argument("--no-sweep", action="store_true", help="skip the prompt-length sweep")
+    parser.add_argument(
+        "--sharing-repeat",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only time the small fixture's default runner against its "
+        "no-sharing twin, alternated, ROUNDS times (sharing-repeat.json)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # inside a runner's subprocess
@@ -414,6 +424,9 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup = 5, 2
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.sharing_repeat:
+        print(json.dumps(sharing_repeat(args), indent=2))
+        return
     started = time.perf_counter()
     ceiling = matmul_ceiling()
     print(f"float32 matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s", file=sys.stderr)
@@ -462,6 +475,30 @@ def main() -> None:
     text = render(report, results)
     (args.out / "results.md").write_text(text)
     print(text)
+
+
+def sharing_repeat(args: argparse.Namespace) -> dict[str, Any]:
+    """Prefix sharing on vs off on the small fixture, measured again on its own: the default
+    runner and its no-sharing twin, each in its own subprocess, alternated for
+    ``--sharing-repeat`` rounds (machine drift hits both alike); every step time is kept."""
+    fixture = args.out / "fixture-small"
+    build(fixture, FixtureSpec(size="small", pairs=args.pairs))
+    on, off = torch_runners()[:2]
+    rounds = []
+    for k in range(args.sharing_repeat):
+        raw = {r.sharing: spawn(r, fixture, args.steps, args.warmup, args.batch_size)
+               for r in (on, off)}  # fmt: skip
+        medians = {s: statistics.median(raw[s]["step_times"]) for s in raw}
+        rounds.append({"round": k, "median_step_s": medians,
+                       "ratio": medians[off.sharing] / medians[on.sharing],
+                       "step_times": {s: raw[s]["step_times"] for s in raw}})  # fmt: skip
+        print(f"round {k}: {rounds[-1]['ratio']:.2f}x", file=sys.stderr, flush=True)
+    report = {"command": " ".join(["python -m benchmarks.bench", *sys.argv[1:]]),
+              "runners": [on.name, off.name], "steps": args.steps, "warmup": args.warmup,
+              "batch_size": args.batch_size, "rounds": rounds,
+              "ratios": [r["ratio"] for r in rounds]}  # fmt: skip
+    (args.out / "sharing-repeat.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def prompt_sweep(args: argparse.Namespace, ceiling: float) -> list[dict[str, Any]]:
