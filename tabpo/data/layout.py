@@ -51,11 +51,11 @@ class Targets:
     """Where the completion tokens of a forward are, for a gathered LM head.
 
     The log-prob of token t comes from the hidden state that precedes it, so a backend
-    computes logits only for the U ``hidden_index`` rows of the flattened hidden states,
-    takes the log-prob of ``target_ids``, and places value ``source[k]`` at ``out_index[k]``
-    of a zero (N*T,) vector: a (N, T) log-prob matrix aligned with the masks. In the plain
-    layout U = K and ``source`` is 0..K-1; the shared-prefix layout (``tabpo.data.layout``)
-    computes a token both sides share once and places it twice.
+    computes logits only for the U ``hidden_index`` rows of the flattened hidden states and
+    takes the log-prob of ``target_ids``; value ``source[k]`` belongs at ``out_index[k]`` of
+    the (N, T) matrix aligned with the masks (``Layout.placement``, ``place``). In the plain
+    layout U = K and ``source`` is 0..K-1; the forked layout computes a token both sides
+    share once and places it twice.
     """
 
     hidden_index: np.ndarray  # (U,) int64, flat hidden row, b*T + t - 1 in the plain layout
@@ -82,7 +82,7 @@ class Layout:
     """ids (R, L) int64, attention (R, L) float32 (1 on tokens), positions (R, L) int64 and
     segments (R, L) int64 when forked (None: positions 0..L-1 and causal attention), the
     completion ``targets`` into the flattened (R*L) hidden rows, and ``shape`` (N, T) of
-    the plain matrices the log-probs are scattered into."""
+    the plain matrices the log-probs are placed into."""
 
     ids: np.ndarray
     attention: np.ndarray

@@ -20,7 +20,7 @@ import yaml
 
 from tabpo import losses
 from tabpo.common.errors import TabpoError
-from tabpo.losses.weights import ALIGNMENTS, DEFAULT_FIELD_WEIGHTS
+from tabpo.losses.weights import ALIGNMENTS, DEFAULT_FIELD_WEIGHTS, DIFF_FACTOR
 from tabpo.training.backend import DTYPES, FINETUNE_MODES, LoraSettings, check_model_options
 from tabpo.training.schedule import SCHEDULES
 
@@ -61,7 +61,7 @@ class TrainConfig:
         "TAB-PO field -> weight map, e.g. 'Code=1.1,Sub-code=1.2'.",
         "Data",
     )
-    diff_factor: float = opt(1.2, "TAB-PO weight factor of differing tokens.", "Data")
+    diff_factor: float = opt(DIFF_FACTOR, "TAB-PO weight factor of differing tokens.", "Data")
     align: str = opt("edit", "Difference alignment: edit or position.", "Data")
     # -- model and fine-tuning
     dtype: str = opt("float32", f"{', '.join(DTYPES)}.", "Model")
