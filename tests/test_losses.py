@@ -175,6 +175,26 @@ def test_orpo():
     assert metrics["log_odds_chosen"] == pytest.approx(log_odds)
 
 
+@pytest.mark.parametrize("a_chosen", [0.0, 1e-9, -1e-12])
+def test_orpo_stays_finite_where_a_mean_log_prob_rounds_to_zero(a_chosen):
+    """a+ = 0 exactly (or a rounding error either side of it) makes log(1 - e^a+) = -inf
+    (NaN above 0); the loss is its value at the clamp a+ = -2^-23 instead:
+    log(1 - e^a+) = log(2^-23) to first order, log_odds = (a+ - a-) - [log 2^-23 - log(1 -
+    e^a-)], and L = -a+ - 0.1 log s(log_odds), finite, with a finite gradient."""
+    torch = pytest.importorskip("torch")
+    a_r, eps = -2.0, 2.0**-23
+    log_odds = (0.0 - a_r) - (math.log(eps) - math.log(1 - math.exp(a_r)))
+    want = -a_chosen + 0.1 * neg_log_sigmoid(log_odds)
+    m = np.ones((1, 2))
+    loss, _ = value("orpo", np.full((1, 2), a_chosen), np.full((1, 2), a_r), None, None, m, m)
+    assert loss == pytest.approx(want, rel=1e-6)
+    pc = torch.full((1, 2), a_chosen, dtype=torch.float32, requires_grad=True)
+    loss, _ = losses.get("orpo")(pc, torch.full((1, 2), a_r), None, None, torch.ones(1, 2),
+                                 torch.ones(1, 2))  # fmt: skip
+    loss.backward()
+    assert math.isfinite(float(loss)) and torch.isfinite(pc.grad).all()
+
+
 def test_sft_is_per_pair_token_mean_then_pair_mean():
     """Pair 1: tokens -1, -2 -> NLL 1.5; pair 2: token -3 -> NLL 3; loss (1.5 + 3)/2 = 2.25,
     not the batch token mean 6/3 = 2 (so accumulated batches equal one big batch)."""

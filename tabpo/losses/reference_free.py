@@ -34,6 +34,8 @@ def orpo(p: PairInputs, *, lam: float = 0.1) -> tuple[Array, Metrics]:
         log_odds = (a+ - a-) - [log(1 - e^a+) - log(1 - e^a-)]
         L        = -a+ - lam log s(log_odds)
 
+    A mean log-prob that rounds to 0 would make log(1 - e^a) -inf; ``log1mexp`` clamps a
+    to -2^-23 first, float32's resolution there.
     Hong et al. 2024, https://arxiv.org/abs/2403.07691. rewards/* = lam * a (TRL's).
     """
     check_range("lam", lam, 0.0, math.inf, closed="low")

@@ -60,8 +60,17 @@ def relu(x: Array, xp: ModuleType) -> Array:
     return xp.maximum(x, xp.zeros_like(x))
 
 
+# float32's machine epsilon: a log-prob closer to 0 than this is 0 within float32 rounding
+LOG_PROB_CEILING = -(2.0**-23)
+
+
 def log1mexp(x: Array, xp: ModuleType) -> Array:
-    """``log(1 - e^x)`` for ``x < 0``, accurate near 0 (where ``log1p(-exp(x))`` is not)."""
+    """``log(1 - e^x)`` for ``x < 0``, accurate near 0 (where ``log1p(-exp(x))`` is not).
+
+    ``x`` is a log-probability, which rounding can bring to 0 (or a hair above it), where
+    the value is -inf (or NaN): it is clamped to at most ``LOG_PROB_CEILING``, so the result
+    is at least log(2^-23) = -15.9 and the gradient stays finite (0 through the clamp)."""
+    x = xp.minimum(x, xp.zeros_like(x) + LOG_PROB_CEILING)
     return xp.log(-xp.expm1(x))
 
 
