@@ -105,12 +105,31 @@ def test_precomputed_reference_gives_the_same_losses(backend, model_dir, data, t
     a, b = losses_of(tmp_path / "a" / "out"), losses_of(tmp_path / "b" / "out")
     assert len(a) == 3
     close(a, b, 1e-6, f"{backend} losses with vs without the reference cache")
-    cached = list((tmp_path / "a" / "cache").glob("*.safetensors"))
-    assert len(cached) == 1
+    cached = list((tmp_path / "a" / "cache").rglob("*.safetensors"))
+    assert len(cached) == 1  # one shard of one reference
     # a second run hits the cache: corrupt its values and the losses must change
     train(config(model_dir, data, tmp_path / "c", backend=backend, precompute_ref=True,
                  ref_cache_dir=str(tmp_path / "a" / "cache")), get_backend(backend))  # fmt: skip
     close(losses_of(tmp_path / "c" / "out"), a, 1e-6, "cache hit")
+
+
+def test_reference_cache_survives_deleting_a_skipped_line(model_dir, data, tmp_path):
+    """A line that encoding skips (its completion does not fit) is deleted from the file:
+    every later pair's index shifts while the kept pairs' token ids stay the same. The
+    cache must still give each pair its own reference: the same losses as without a cache
+    (keyed by position, it handed pairs their neighbours' values or failed)."""
+    lines = data[0].read_text().splitlines(keepends=True)
+    long = json.dumps({"prompt": "p", "chosen": "x " * 3000, "rejected": "y " * 3000}) + "\n"
+    (tmp_path / "with.jsonl").write_text(lines[0] + long + "".join(lines[1:]))
+    (tmp_path / "without.jsonl").write_text("".join(lines))
+    runs = {"a": ("with.jsonl", "cache"), "b": ("without.jsonl", "cache"),
+            "c": ("without.jsonl", "fresh")}  # fmt: skip
+    for run, (file, cache) in runs.items():
+        c = config(model_dir, (tmp_path / file,), tmp_path / run, backend="torch",
+                   ref_cache_dir=str(tmp_path / cache))  # fmt: skip
+        train(c, get_backend("torch"))
+    close(losses_of(tmp_path / "b" / "out"), losses_of(tmp_path / "c" / "out"), 1e-6,
+          "losses with the shifted data set's cache vs a fresh one")  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

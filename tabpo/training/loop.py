@@ -66,29 +66,31 @@ def prepare_output(c: cfg.TrainConfig) -> tuple[Path, TrainerState | None, Path 
 
 
 def reference_table(run: Run, data: Dataset, *, name: str) -> refcache.RefTable:
-    """Reference log-probs of every pair of ``data``: from the cache, or computed once."""
+    """Reference log-probs of every pair of ``data``: the cache's entries for the pairs it
+    has (keyed by content), computed once for the others and added to it."""
     c = run.c
-    ref_source = c.ref_model or c.model or ""
-    weights = refcache.weights_digest(ref_source)
-    key = refcache.cache_key(weights, data.pairs, backend=run.backend.name, dtype=c.dtype)
-    path = Path(c.ref_cache_dir or refcache.default_cache_dir()) / f"{key}.safetensors"
-    table = refcache.load(path, key)
-    if table is not None:
-        run.callbacks.message(f"reference log-probs of {name}: cached ({path})")
-        return table
-    run.callbacks.phase(f"reference ({name})", len(data.pairs))
-    # full fine-tuning without --ref-model: the reference is the policy before any step
-    # (tabpo.training.reference), so it is asked for the policy's own log-probs
-    separate = c.finetune == "lora" or c.ref_model is not None
-    table = refcache.compute(
-        lambda b: run.backend.logps(b, reference=separate),
-        data.pairs,
-        batch_size=c.eval_batch_size,
-        pad_id=run.pad,
-        progress=lambda n: run.callbacks.advance(f"reference ({name})", n),
-    )
-    refcache.save(table, path, key)
-    return table
+    weights = refcache.weights_digest(c.ref_model or c.model or "")
+    key = refcache.model_key(weights, backend=run.backend.name, dtype=c.dtype)
+    store = refcache.Store(Path(c.ref_cache_dir or refcache.default_cache_dir()) / key, key)
+    entries = store.lookup(data.pairs)
+    missing = [p for p in data.pairs if p.index not in entries]
+    if missing:
+        run.callbacks.phase(f"reference ({name})", len(missing))
+        # full fine-tuning without --ref-model: the reference is the policy before any step
+        # (tabpo.training.reference), so it is asked for the policy's own log-probs
+        separate = c.finetune == "lora" or c.ref_model is not None
+        computed = refcache.compute(
+            lambda b: run.backend.logps(b, reference=separate),
+            missing,
+            batch_size=c.eval_batch_size,
+            pad_id=run.pad,
+            progress=lambda n: run.callbacks.advance(f"reference ({name})", n),
+        )
+        store.add(missing, computed)
+        entries.update(computed.entries)
+    run.callbacks.message(f"reference log-probs of {name}: {len(data.pairs) - len(missing)} "
+                          f"cached, {len(missing)} computed ({store.directory})")  # fmt: skip
+    return refcache.RefTable(entries)
 
 
 def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = None) -> Run:
