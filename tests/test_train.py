@@ -166,6 +166,31 @@ def test_resume_reproduces_uninterrupted_run(backend, model_dir, data, tmp_path)
           f"{backend} resumed vs straight losses")  # fmt: skip
 
 
+def test_resume_from_an_earlier_checkpoint_logs_each_step_once(model_dir, data, tmp_path):
+    """A run whose metrics.jsonl went on past the checkpoint it resumes from (steps 3 and 4
+    after checkpoint-2, as when it was killed): the resumed run drops those lines and
+    writes steps 3 and 4 once, with the uninterrupted run's values."""
+    c = config(model_dir, data, tmp_path, backend="torch", max_steps=4, save_steps=2,
+               eval_data=str(data[1]), eval_steps=2)  # fmt: skip
+    train(c, get_backend("torch"))
+    out = tmp_path / "out"
+    straight = (out / "metrics.jsonl").read_text()
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 4, "loss": 0.1')  # and a line cut short by the kill
+    train(cfg.build({}, {**c.to_dict(), "resume": str(out / "checkpoint-2")}),
+          get_backend("torch"))  # fmt: skip
+    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in again if "eval_loss" in r] == [2, 4]
+    want = [json.loads(line) for line in straight.splitlines()]
+    close(
+        [r.get("loss", r.get("eval_loss")) for r in again],
+        [r.get("loss", r.get("eval_loss")) for r in want],
+        1e-6,
+        "resumed metrics",
+    )
+
+
 class PoisonAt(Callbacks):
     """Writes NaN into the weights after step ``n`` (a stand-in for a diverging run)."""
 

@@ -132,6 +132,7 @@ def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = No
     if checkpoint is not None and resumed is not None:
         backend.load_state(checkpoint)
         run.state = resumed
+        MetricsLog(output / "metrics.jsonl").truncate(resumed.step)
         callbacks.message(f"resumed from {checkpoint} at step {resumed.step}")
     total = c.max_steps or math.ceil(c.epochs * run.steps_per_epoch)
     run.state.total_steps = total

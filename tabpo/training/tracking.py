@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +54,25 @@ class MetricsLog:
         clean = {k: _jsonable(v) for k, v in record.items()}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
+
+    def truncate(self, step: int) -> None:
+        """Keep only the lines of steps up to ``step``: a run resumed from the checkpoint of
+        ``step`` writes the later steps again, and each step must appear once. A line cut
+        short by a crash goes too. Rewritten atomically."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                if _step_of(line) <= step]  # fmt: skip
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _jsonable(value: Any) -> Any:
