@@ -30,16 +30,17 @@ def build_model(
     from tabpo.backends import get_backend
     from tabpo.cli.ui import RichCallbacks
     from tabpo.clinical import write_splits
-    from tabpo.common.errors import TabpoError
-    from tabpo.common.files import write_dir
+    from tabpo.common.files import OutputDir, write_dir
     from tabpo.models.tiny import SFT_RECIPE, SHIPPED, corpus, init_model
     from tabpo.training import config as cfg
     from tabpo.training.loop import train
 
     quiet_libraries()
-    if out.exists() and any(out.iterdir()) and not force:
-        raise TabpoError(f"{out} exists (use --force)")
-    shutil.rmtree(out, ignore_errors=True)
+    output = OutputDir(out)
+    output.check(force=force, option="--out")
+    if force:
+        output.clear()
+    output.record("data", "init", "sft", "cache")
     splits = write_splits(out / "data", seed=seed)
     console.print(f"benchmark: {', '.join(f'{k} {v}' for k, v in splits.items())}")
     init_model(out / "init", corpus(splits["sft"]), seed=seed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -42,13 +41,14 @@ def demo(
     from tabpo.backends import get_backend, resolve
     from tabpo.cli.ui import RichCallbacks
     from tabpo.clinical import report
-    from tabpo.clinical.demo import FULL_METHODS, DemoSettings, run_demo
+    from tabpo.clinical.demo import FULL_METHODS, OUTPUTS, DemoSettings, run_demo
     from tabpo.common.errors import TabpoError
+    from tabpo.common.files import OutputDir
     from tabpo.models.tiny import SHIPPED
 
     quiet_libraries()
-    if out.exists() and any(out.iterdir()) and not force:
-        raise TabpoError(f"{out} exists (use --force to replace it)")
+    output = OutputDir(out)
+    output.check(force=force, option="--out")
     model = model or SHIPPED
     if not (model / "config.json").is_file():
         raise TabpoError(f"no SFT model at {model}: run `tabpo build-model --install` first")
@@ -66,7 +66,9 @@ def demo(
     if eval_split not in ("test", "dev"):
         raise TabpoError("--eval-split must be test or dev")
     s.eval_split = eval_split
-    shutil.rmtree(out, ignore_errors=True)
+    if force:
+        output.clear()
+    output.record(*OUTPUTS)
     with RichCallbacks() as callbacks:
         result = run_demo(s, get_backend, callbacks)
     path = report.write(result, out, "tabpo " + " ".join(sys.argv[1:]))

@@ -126,8 +126,9 @@ def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):
 
 def test_demo_refuses_existing_output_and_missing_model(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
-    result = run("demo", "--out", tmp_path)
-    assert result.exit_code == 2 and "exists" in result.output
+    for force in ([], ["--force"]):  # not a tabpo output directory: never replaced
+        result = run("demo", "--out", tmp_path, *force)
+        assert result.exit_code == 2 and "not written by tabpo" in result.output
     assert (tmp_path / "keep.txt").exists()
     result = run("demo", "--out", tmp_path / "new", "--model", tmp_path / "none")
     assert result.exit_code == 2 and "no SFT model" in result.output

@@ -91,16 +91,34 @@ def test_unsupported_family_and_bad_data_line(args, model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_is_refused_and_kept(args, tmp_path):
+def test_a_directory_tabpo_did_not_write_is_never_replaced(args, tmp_path):
+    """`--output runs --force` where runs/ holds other runs (or anything of the user's):
+    refused in one line, with or without --force, and nothing in it is touched."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep")
-    result = run(args)
-    assert result.exit_code == 2 and "exists (use --force or --resume)" in result.output
+    (out / "run-1").mkdir(parents=True)
+    (out / "run-1" / "metrics.jsonl").write_text("mine\n")
+    (out / "notes.txt").write_text("keep")
+    for force in ([], ["--force"]):
+        result = run([*args, *force])
+        assert result.exit_code == 2 and "not written by tabpo" in result.output, result.output
+    assert sorted(p.name for p in out.rglob("*")) == ["metrics.jsonl", "notes.txt", "run-1"]
+
+
+def test_force_replaces_only_what_tabpo_wrote(args, tmp_path):
+    out = tmp_path / "out"
+    assert run([*args, "--max-steps", 2, "--save-steps", 1]).exit_code == 0
+    (out / "notes.txt").write_text("keep")  # the user's, inside a tabpo output directory
+    result = run([*args, "--max-steps", 1])
+    assert result.exit_code == 2 and "exists (use --force or --resume" in result.output
     # --force with a run that cannot start loses nothing either
     result = run([*args, "--force", "--lora-target-modules", "nope"])
-    assert result.exit_code == 2
-    assert (out / "mine.txt").read_text() == "keep"
+    assert result.exit_code == 2 and (out / "checkpoint-1").is_dir()
+    result = run([*args, "--force", "--max-steps", 1])
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "keep"
+    assert not (out / "checkpoint-2").exists()  # the old run's entries are gone
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1]
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(args, tmp_path):

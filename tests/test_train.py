@@ -14,6 +14,7 @@ from helpers import build_tiny_model, write_pairs
 
 from tabpo.backends import get_backend
 from tabpo.common.errors import TabpoError
+from tabpo.common.files import OutputDir
 from tabpo.data.batching import collate
 from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
 from tabpo.data.records import read_preferences
@@ -91,9 +92,12 @@ def test_outputs_metrics_checkpoints(backend, model_dir, data, tmp_path):
     assert {"eval_rewards/accuracies", "eval_loss/barrier"} <= set(evals[0])
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert (out / "checkpoint-4" / "config.yaml").is_file()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
+    assert not [p for p in out.iterdir() if ".tmp" in p.name or ".old-" in p.name]  # temporaries
     adapter = "adapter_model.safetensors" if backend == "torch" else "adapters.safetensors"
     assert (out / adapter).is_file() and (out / "adapter_config.json").is_file()
+    # the final set is one directory reached through one link; the top-level names follow it
+    assert (out / "final").resolve() == (out / ".final-4").resolve()
+    assert (out / adapter).resolve() == (out / ".final-4" / adapter).resolve()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -189,6 +193,16 @@ def test_resume_from_an_earlier_checkpoint_logs_each_step_once(model_dir, data, 
         1e-6,
         "resumed metrics",
     )
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(model_dir, data, tmp_path):
+    c = config(model_dir, data, tmp_path, backend="torch", max_steps=4, save_steps=1,
+               save_total_limit=2)  # fmt: skip
+    train(c, get_backend("torch"))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    written = OutputDir(out).written()
+    assert "checkpoint-4" in written and "checkpoint-1" not in written
 
 
 class PoisonAt(Callbacks):

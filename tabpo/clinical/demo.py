@@ -24,6 +24,9 @@ from tabpo.training import config as cfg
 from tabpo.training.backend import Backend, ModelOptions
 from tabpo.training.loop import Callbacks, train
 
+# what a demo writes into its output directory (the split files, the training runs and the
+# reference cache, the report)
+OUTPUTS = ("data", "runs", "cache", "report.md", "results.json", "figure.png")
 DEFAULT_METHODS = ("dpo", "tabpo")
 FULL_METHODS = ("dpo", "ipo", "simpo", "cal_dpo", "dpop", "tabpo")
 # Per-method hyperparameters (chosen on the dev split, same budget for all; see README).

@@ -16,6 +16,7 @@ from tabpo.common.errors import TabpoError
 from tabpo.common.files import STATE_FILE
 
 CONFIG_FILE = "config.yaml"
+FINAL = "final"  # the final weights: a link to the directory that holds them
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -40,6 +41,12 @@ def read_state(directory: Path) -> TrainerState:
         raise TabpoError(f"{directory / STATE_FILE}: not a tabpo checkpoint ({exc})") from None
 
 
+def checkpoints(output: Path) -> list[Path]:
+    """The complete ``checkpoint-N`` directories of an output directory, oldest first."""
+    found = [(int(m.group(1)), p) for p in output.iterdir() if (m := _CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory itself, or the newest ``checkpoint-N`` inside an output dir."""
     path = Path(path)
@@ -47,8 +54,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise TabpoError(f"--resume: {path} does not exist")
-    found = [(int(m.group(1)), p) for p in path.iterdir() if (m := _CHECKPOINT.match(p.name))]
-    found = [(n, p) for n, p in found if (p / STATE_FILE).is_file()]
+    found = checkpoints(path)
     if not found:
         raise TabpoError(f"--resume: {path} holds no checkpoint (no {STATE_FILE})")
-    return max(found)[1]
+    return found[-1]

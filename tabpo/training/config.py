@@ -102,6 +102,9 @@ class TrainConfig:
     eval_steps: int | None = opt(None, "Evaluate every N steps (and at the end).", "Output")
     eval_batch_size: int = opt(4, "Pairs per evaluation batch.", "Output")
     save_steps: int | None = opt(None, "Checkpoint every N steps (and at the end).", "Output")
+    save_total_limit: int | None = opt(
+        None, "Keep at most N checkpoints (the oldest are deleted).", "Output"
+    )
     logging_steps: int = opt(1, "Log metrics every N steps.", "Output")
     resume: str | None = opt(None, "Continue from a checkpoint (or its output dir).", "Output")
     force: bool = opt(False, "Replace an existing output directory.", "Output")
@@ -224,7 +227,7 @@ def validate(c: TrainConfig) -> None:
     for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_rank",
                  "eval_batch_size", "logging_steps"):  # fmt: skip
         need(getattr(c, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_steps", "eval_steps", "save_steps"):
+    for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
         value = getattr(c, name)
         need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1")
     need(c.learning_rate >= 0 and math.isfinite(c.learning_rate), "--learning-rate must be >= 0")

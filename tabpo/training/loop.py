@@ -7,11 +7,11 @@ cache, evaluation, logging, checkpoints, stopping) lives here and in ``tabpo.tra
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 from tabpo.common.errors import TabpoError
+from tabpo.common.files import OutputDir, write_text
 from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
 from tabpo.data.records import read_preferences
 from tabpo.losses import get
@@ -19,9 +19,9 @@ from tabpo.models.families import inspect_model_dir
 from tabpo.training import config as cfg
 from tabpo.training import refcache
 from tabpo.training.backend import Backend, ModelOptions, OptimizerSettings, seeded_lora_init
-from tabpo.training.checkpoint import TrainerState, read_state, resolve_checkpoint
+from tabpo.training.checkpoint import CONFIG_FILE, TrainerState, read_state, resolve_checkpoint
 from tabpo.training.run import Callbacks, Dataset, NonFiniteLoss, Run, step_pairs
-from tabpo.training.tracking import MetricsLog, Throughput
+from tabpo.training.tracking import METRICS_FILE, MetricsLog, Throughput
 
 __all__ = ["Callbacks", "Dataset", "NonFiniteLoss", "Run", "step_pairs", "train"]
 
@@ -60,8 +60,7 @@ def prepare_output(c: cfg.TrainConfig) -> tuple[Path, TrainerState | None, Path 
     if c.resume:
         checkpoint = resolve_checkpoint(c.resume)
         return output, read_state(checkpoint), checkpoint
-    if output.exists() and any(output.iterdir()) and not c.force:
-        raise TabpoError(f"output directory {output} exists (use --force or --resume)")
+    OutputDir(output).check(force=c.force, also=" or --resume")
     return output, None, None
 
 
@@ -132,20 +131,22 @@ def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = No
     if checkpoint is not None and resumed is not None:
         backend.load_state(checkpoint)
         run.state = resumed
-        MetricsLog(output / "metrics.jsonl").truncate(resumed.step)
+        MetricsLog(output / METRICS_FILE).truncate(resumed.step)
         callbacks.message(f"resumed from {checkpoint} at step {resumed.step}")
     total = c.max_steps or math.ceil(c.epochs * run.steps_per_epoch)
     run.state.total_steps = total
-    if c.force and output.exists():  # only now: a run that failed to start loses nothing
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.yaml").write_text(cfg.to_yaml(c))
+    out = OutputDir(output)
+    if c.force:  # only now: a run that failed to start loses nothing
+        out.clear()
+    out.clean_stale()
+    out.record(CONFIG_FILE, METRICS_FILE)
+    write_text(output / CONFIG_FILE, cfg.to_yaml(c))
     _loop(run)
     return run
 
 
 def _loop(run: Run) -> None:
-    c, s, log = run.c, run.state, MetricsLog(run.output / "metrics.jsonl")
+    c, s, log = run.c, run.state, MetricsLog(run.output / METRICS_FILE)
     speed = Throughput()
     run.callbacks.phase("train", s.total_steps - s.step)
     last_saved = s.step

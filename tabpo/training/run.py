@@ -8,7 +8,7 @@ so k accumulated micro-batches of B equal one batch of kB.
 from __future__ import annotations
 
 import math
-import shutil
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 
 from tabpo.common.errors import TabpoError
-from tabpo.common.files import publish_files, write_dir
+from tabpo.common.files import OutputDir, point, remove, sync_dir, write_dir
 from tabpo.data.batching import PairBatch, batches, collate
 from tabpo.data.encoding import EncodedPair, EncodeStats
 from tabpo.losses import Objective
 from tabpo.training import config as cfg
 from tabpo.training import refcache
 from tabpo.training.backend import Backend, StepResult
-from tabpo.training.checkpoint import TrainerState, write_state
+from tabpo.training.checkpoint import FINAL, TrainerState, checkpoints, write_state
 from tabpo.training.schedule import learning_rate, warmup_steps
 from tabpo.training.tracking import combine
 
@@ -150,6 +150,9 @@ class Run:
         return {f"eval_{k}": v for k, v in combine(parts).items()}
 
     def checkpoint(self) -> Path:
+        """``checkpoint-<step>``: weights, optimizer and RNG state, trainer state and config,
+        written as one directory renamed into place; then at most ``save_total_limit``
+        checkpoints are kept (the oldest go)."""
         target = self.output / f"checkpoint-{self.state.step}"
 
         def fill(tmp: Path) -> None:
@@ -157,15 +160,41 @@ class Run:
             self.backend.save_state(tmp)
             write_state(tmp, self.state, cfg.to_yaml(self.c))
 
+        OutputDir(self.output).record(target.name)
         write_dir(target, fill)
         self.callbacks.message(f"saved {target}")
+        if self.c.save_total_limit:
+            old = checkpoints(self.output)[: -self.c.save_total_limit]
+            for path in old:
+                remove(path)
+            OutputDir(self.output).forget(*(p.name for p in old))
         return target
 
     def publish_final(self) -> None:
-        """The final weights at the top of the output directory, loadable by their stack."""
-        tmp = self.output / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        self.backend.save_weights(tmp)
-        publish_files(tmp, self.output)
-        tmp.rmdir()
+        """The final weights in ``final/``, reached from the top of the output directory
+        (one link per file, so the directory loads as its stack's adapter or model).
+
+        ``final`` is a link to ``.final-<step>``, written as one directory and swapped in
+        one rename: whenever the process dies, the top-level files are one step's set."""
+        name = f".final-{self.state.step}"
+        files: list[str] = []
+
+        def fill(tmp: Path) -> None:
+            self.backend.save_weights(tmp)
+            files.extend(sorted(p.name for p in tmp.iterdir()))
+
+        out = OutputDir(self.output)
+        out.record(name, FINAL)  # listed before they exist: --force finds what a kill left
+        write_dir(self.output / name, fill)
+        out.record(*files)
+        point(self.output / FINAL, name)
+        for file in files:
+            link = self.output / file
+            if not link.is_symlink():
+                remove(link)  # a real file left by an older tabpo: ours (it is listed)
+                os.symlink(f"{FINAL}/{file}", link)
+        for stale in self.output.glob(".final-*"):
+            if stale.name != name:
+                remove(stale)
+                out.forget(stale.name)
+        sync_dir(self.output)

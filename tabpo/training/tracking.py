@@ -44,6 +44,9 @@ class Throughput:
         return figures
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class MetricsLog:
     """Append-only JSON lines; non-finite numbers are written as strings ("nan", "inf")."""
 
