@@ -20,7 +20,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from tabpo.common.errors import TabpoError
+from tabpo.common.errors import TabpoError, reading
 from tabpo.models.families import ModelInfo
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -63,7 +63,8 @@ def read_weights(model: nn.Module, directory: Path, *, lora: bool) -> list[tuple
     file = directory / (ADAPTER_WEIGHTS if lora else MODEL_WEIGHTS)
     if not file.is_file():
         raise TabpoError(f"{directory}: no {file.name} (was save_weights called there?)")
-    saved = mx.load(str(file))
+    with reading(file, "the checkpoint's weights"):
+        saved = mx.load(str(file))
     current = dict(tree_flatten(model.trainable_parameters()))
     missing, unknown = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
     if missing or unknown:
@@ -89,7 +90,8 @@ def load_optimizer(optimizer: optim.Optimizer, directory: Path) -> None:
     file = directory / OPTIMIZER_STATE
     if not file.is_file():
         raise TabpoError(f"{directory}: no {OPTIMIZER_STATE} (was save_state called there?)")
-    optimizer.state = tree_unflatten(list(mx.load(str(file)).items()))
+    with reading(file, "the optimizer state"):
+        optimizer.state = tree_unflatten(list(mx.load(str(file)).items()))
 
 
 def save_rng(directory: Path) -> None:
@@ -103,7 +105,8 @@ def load_rng(directory: Path) -> None:
     file = directory / RNG_STATE
     if not file.is_file():
         raise TabpoError(f"{directory}: no {RNG_STATE} (was save_state called there?)")
-    hi, lo = json.loads(file.read_text())["key"]
+    with reading(file, "the RNG state"):
+        hi, lo = (int(v) for v in json.loads(file.read_text())["key"])
     mx.random.seed((hi << 32) | lo)
     if [int(v) for v in mx.random.state[0].tolist()] != [hi, lo]:
         raise TabpoError("this MLX version seeds its RNG differently: cannot restore its state")

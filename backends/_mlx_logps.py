@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from tabpo.common.errors import TabpoError
 from tabpo.data.batching import PairBatch
 from tabpo.data.layout import Targets, fork_mask, head_chunks, layout, place
 
@@ -82,7 +83,10 @@ class _ForkCache:
 
     def make_mask(self, n: int, *, return_array: bool = False, window_size: Any = None) -> Any:
         if window_size is not None:
-            raise NotImplementedError("the shared-prefix forward has no sliding-window mask")
+            raise TabpoError(
+                "this model has sliding-window attention layers, which the shared-prefix "
+                "forward cannot mask: use --prefix-sharing off"
+            )
         return self.mask
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:

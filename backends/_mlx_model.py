@@ -25,7 +25,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import _download
 from mlx_lm.utils import load as mlx_lm_load
 
-from tabpo.common.errors import TabpoError
+from tabpo.common.errors import TabpoError, reading
 from tabpo.models.families import ModelInfo, inspect_model_dir, tensor_names, weight_files
 from tabpo.training.backend import LoraSettings, check_state
 
@@ -54,10 +54,8 @@ def resolve(path: str) -> ModelInfo:
 def load_model(info: ModelInfo, dtype: str) -> tuple[nn.Module, Any]:
     """The mlx-lm model of ``info`` cast to ``dtype`` (one of ``DTYPES``), in eval mode, and
     its HF tokenizer."""
-    try:
+    with reading(info.path, "this model with mlx-lm"):
         model, wrapper = mlx_lm_load(info.path, model_config=info.mlx_overrides())
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise TabpoError(f"{info.path}: mlx-lm cannot load this model: {e}") from e
     model.set_dtype(MX_DTYPES[dtype])
     mx.eval(model.parameters())
     return model, wrapper._tokenizer

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tabpo.common.errors import TabpoError
+from tabpo.common.errors import TabpoError, reading
 from tabpo.data.encoding import load_tokenizer
 from tabpo.models.families import inspect_model_dir
 from tabpo.training import reference
@@ -42,10 +42,8 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device) -> nn.Mo
     from transformers import AutoModelForCausalLM
 
     inspect_model_dir(path)
-    try:
+    with reading(path, "a causal LM from it"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise TabpoError(f"cannot load a causal LM from {path}: {e}") from e
     return model.to(device)
 
 
@@ -114,7 +112,5 @@ def tokenizer_for(path: str) -> Any:
         return load_tokenizer(path)
     from transformers import AutoTokenizer
 
-    try:
+    with reading(path, "a tokenizer from it"):
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise TabpoError(f"cannot load a tokenizer for {path}: {e}") from e

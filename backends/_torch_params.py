@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from tabpo.common.errors import TabpoError
+from tabpo.common.errors import TabpoError, reading
 from tabpo.models.families import weight_files
 from tabpo.training.backend import check_state
 
@@ -63,13 +63,15 @@ def saved_weights(directory: Path, params: dict[str, nn.Parameter], *, lora: boo
         file = directory / ADAPTER_FILE
         if not file.is_file():
             raise TabpoError(f"{directory}: no {ADAPTER_FILE} to resume the adapter from")
-        return {lora_name(k): v for k, v in load_file(str(file)).items()}
+        with reading(file, "the checkpoint's adapter"):
+            return {lora_name(k): v for k, v in load_file(str(file)).items()}
     files = weight_files(directory)
     if not files:
         raise TabpoError(f"{directory}: no model*.safetensors to resume the weights from")
     tensors: dict[str, Tensor] = {}
     for file in files:
-        tensors.update(load_file(str(file)))
+        with reading(file, "the checkpoint's weights"):
+            tensors.update(load_file(str(file)))
     return {k: v for k, v in tensors.items() if k in params}
 
 

@@ -27,7 +27,7 @@ from tabpo.backends._torch_logps import (
     token_logps,
     token_logps_and_kl,
 )
-from tabpo.common.errors import TabpoError
+from tabpo.common.errors import TabpoError, reading
 from tabpo.data.batching import PairBatch
 from tabpo.losses import Objective
 from tabpo.training import reference as rules
@@ -239,10 +239,13 @@ class TorchBackend:
         if (directory / OPTIMIZER_FILE).is_file():
             if self.optimizer is None:
                 raise TabpoError("call setup_optimizer() before load_state() to resume it")
-            state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-            self.optimizer.load_state_dict(state)
+            with reading(directory / OPTIMIZER_FILE, "the optimizer state"):
+                state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu",
+                                   weights_only=True)  # fmt: skip
+                self.optimizer.load_state_dict(state)
         if (directory / RNG_FILE).is_file():
-            params.set_rng_state(torch.load(directory / RNG_FILE, weights_only=True))
+            with reading(directory / RNG_FILE, "the RNG state"):
+                params.set_rng_state(torch.load(directory / RNG_FILE, weights_only=True))
 
     # -- misc ------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tabpo.common.errors import TabpoError
 
@@ -26,7 +27,9 @@ def handles_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TabpoError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # the message is text, not markup: "[load_safetensors] ..." must print as it is
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)  # fmt: skip
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

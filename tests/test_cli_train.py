@@ -154,20 +154,59 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(args, tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("damage", ["no-config", "no-weights", "truncated"])
+def cut(path, keep=0.5):
+    path.write_bytes(path.read_bytes()[: int(len(path.read_bytes()) * keep)])
+
+
+def one_line_error(result, names):
+    """Exit code 2, no traceback, one error line that names the file."""
+    clean = result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 2 and clean, f"not a clean error: {result.exception!r}"
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert all(n in errors[0] for n in names), f"{errors[0]!r} does not name {names}"
+
+
+DAMAGE = {  # file -> (how to damage it, what the line must say)
+    "no-config": (lambda d: (d / "config.json").unlink(), ["no config.json"]),
+    "no-weights": (lambda d: (d / "model.safetensors").unlink(), ["no model*.safetensors"]),
+    "header cut": (lambda d: cut(d / "model.safetensors", 0.0001), ["model.safetensors"]),
+    "data cut": (lambda d: cut(d / "model.safetensors", 0.9), ["model.safetensors", "truncated"]),
+    "tokenizer.json": (lambda d: (d / "tokenizer.json").write_text("{oops"),
+                       ["tokenizer.json:1", "invalid JSON"]),
+    "tokenizer_config.json": (lambda d: (d / "tokenizer_config.json").write_text("[1,"),
+                              ["tokenizer_config.json"]),
+    "template raises": (lambda d: (d / "chat_template.jinja").write_text(
+        "{{ raise_exception('system role not supported') }}"),
+        ["train.jsonl: line 1", "chat template", "system role not supported"]),
+    "template syntax": (lambda d: (d / "chat_template.jinja").write_text("{% for %}"),
+                        ["chat template", "TemplateSyntaxError"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_model_directory(args, model_dir, tmp_path, damage):
     copy = tmp_path / "model"
     copy.mkdir()
     for f in model_dir.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
-    if damage == "no-config":
-        (copy / "config.json").unlink()
-        message = "no config.json"
-    elif damage == "no-weights":
-        (copy / "model.safetensors").unlink()
-        message = "no model*.safetensors"
-    else:
-        (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:4])
-        message = "not a readable safetensors file"
-    result = run([*args, "--model", copy])
-    assert result.exit_code == 2 and message in result.output, result.output
+    spoil, names = DAMAGE[damage]
+    spoil(copy)
+    one_line_error(run([*args, "--model", copy]), names)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("backend, file, spoil", [
+    ("torch", "adapter_model.safetensors", cut),
+    ("torch", "optimizer.pt", cut),
+    ("torch", "rng.pt", lambda p: p.write_bytes(b"garbage")),
+    ("mlx", "adapters.safetensors", cut),
+    ("mlx", "optimizer.safetensors", lambda p: p.write_bytes(b"garbage")),
+    ("mlx", "rng_state.json", cut),
+])  # fmt: skip
+def test_damaged_checkpoint_is_one_line(args, tmp_path, backend, file, spoil):
+    argv = [*[a if a != "torch" else backend for a in args], "--max-steps", 2, "--save-steps", 1]
+    assert run(argv).exit_code == 0
+    spoil(tmp_path / "out" / "checkpoint-1" / file)
+    one_line_error(run([*argv, "--resume", tmp_path / "out" / "checkpoint-1"]),
+                   [f"checkpoint-1/{file}"])  # fmt: skip

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tabpo.common.errors import DataError, TabpoError
+from tabpo.common.errors import DataError, TabpoError, read_json, reading
 from tabpo.data.records import PreferenceExample
 from tabpo.losses.weights import (
     ALIGNMENTS,
@@ -35,6 +35,8 @@ from tabpo.losses.weights import (
 from tabpo.models.families import is_hub_id
 
 Offsets = list[tuple[int, int]]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")  # fmt: skip
 
 
 @dataclass
@@ -82,10 +84,11 @@ def load_tokenizer(path: str | Path) -> Any:
         raise TabpoError(
             "reading a tokenizer needs transformers: pip install 'tabpo[torch]' or 'tabpo[mlx]'"
         ) from None
-    try:
+    for file in TOKENIZER_FILES:  # a broken file named here, not deep inside the loader
+        if (path / file).is_file():
+            read_json(path / file)
+    with reading(path, "a tokenizer from it"):
         return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise TabpoError(f"cannot load a tokenizer from {path}: {e}") from e
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -162,11 +165,10 @@ def _encode_example(
 ) -> tuple[list[int], _Completion, _Completion | None]:
     answers = [a for a in (example.chosen, example.rejected) if a is not None]
     if getattr(tokenizer, "chat_template", None):
-        prompt_text = tokenizer.apply_chat_template(
-            example.prompt, tokenize=False, add_generation_prompt=True
-        )
+        prompt_text = render(tokenizer, example.prompt, line=example.line,
+                             add_generation_prompt=True)  # fmt: skip
         prompt_ids, _ = _tokenize(tokenizer, prompt_text, add_special_tokens=False)
-        done = [_templated(tokenizer, example.prompt, prompt_text, prompt_ids, a) for a in answers]
+        done = [_templated(tokenizer, example, prompt_text, prompt_ids, a) for a in answers]
     else:
         prompt_text = "\n\n".join(m["content"] for m in example.prompt)
         prompt_ids, _ = _tokenize(tokenizer, prompt_text, add_special_tokens=True)
@@ -176,16 +178,30 @@ def _encode_example(
     return prompt_ids, done[0], done[1] if len(done) > 1 else None
 
 
+def render(tokenizer: Any, messages: list[dict[str, str]], *, line: int | None = None,
+           **options: Any) -> str:  # fmt: skip
+    """The tokenizer's chat template applied to ``messages`` (text). A template that fails
+    (its syntax, or a role or message it refuses) is one DataError naming the template
+    and, when given, the data line."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except Exception as exc:  # jinja2's errors, or whatever the template raises itself
+        source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"the chat template of {source} failed: {type(exc).__name__}: "
+                        f"{first}", line=line) from None  # fmt: skip
+
+
 def _templated(
     tokenizer: Any,
-    prompt: list[dict[str, str]],
+    example: PreferenceExample,
     prompt_text: str,
     prompt_ids: list[int],
     answer: str,
 ) -> _Completion:
     """Completion ids and answer-relative offsets of one answer under the chat template."""
-    answered = [*prompt, {"role": "assistant", "content": answer}]
-    full_text = tokenizer.apply_chat_template(answered, tokenize=False)
+    answered = [*example.prompt, {"role": "assistant", "content": answer}]
+    full_text = render(tokenizer, answered, line=example.line)
     if not full_text.startswith(prompt_text):
         # The template renders the prompt differently once answered: answer + EOS instead.
         return _alone(tokenizer, answer + (tokenizer.eos_token or ""), answer, fallback=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tabpo.data.encoding import render
 from tabpo.data.records import Message
 from tabpo.training.backend import Backend
 
@@ -13,7 +14,7 @@ def prompt_ids(tokenizer: Any, prompt: list[Message]) -> list[int]:
     """The prompt as the trainer sees it (chat template with the generation prompt, or the
     plain concatenation the encoder uses without a template)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        text = render(tokenizer, prompt, add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     text = "\n\n".join(m["content"] for m in prompt)
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
