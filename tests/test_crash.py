@@ -87,4 +87,6 @@ def test_sigkill_during_checkpoint_writes_then_resume(tiny_model, tmp_path):
         worst = max(abs(got[s] - want[s]) for s in want)
         assert worst <= 1e-6, f"trial {trial}: resumed losses differ from straight by {worst:.2e}"
         assert (out / "adapter_model.safetensors").is_file()  # the final set, complete
+        left = [p.name for p in out.iterdir() if ".tmp" in p.name or ".old-" in p.name]
+        assert not left, f"trial {trial}: the killed run's temporaries are still there: {left}"
     assert interrupted_writes >= 2, f"{interrupted_writes} kills landed inside a write"

@@ -216,3 +216,15 @@ def test_torch_fork_mask_for_each_attention_implementation(model_dir, implementa
     assert fork_mask_kind(model, "auto") == ("off", None)
     with pytest.raises(TabpoError, match="needs sdpa or eager attention"):
         fork_mask_kind(model, "on")
+
+
+def test_mlx_fork_refuses_a_sliding_window_in_one_line():
+    """mlx-lm asks the cache for a windowed mask on sliding-window layers; the forked
+    forward has none, which is a TabpoError (one line), not a NotImplementedError."""
+    mx = pytest.importorskip("mlx.core")
+    from tabpo.backends._mlx_logps import _ForkCache
+
+    cache = _ForkCache(mx.ones((1, 1, 4, 4), dtype=mx.bool_))
+    assert cache.make_mask(4) is cache.mask
+    with pytest.raises(TabpoError, match="sliding-window attention.*--prefix-sharing off"):
+        cache.make_mask(4, window_size=2)
