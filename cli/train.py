@@ -18,6 +18,7 @@ from tabpo.training import config as cfg
 from tabpo.training.checkpoint import CONFIG_FILE, resolve_checkpoint
 
 GROUPS = ("Model", "Data", "Loss", "LoRA", "Optimizer", "Output")
+INTERRUPTED = 130  # the shell's exit status after SIGINT: a stopped run is not a finished one
 
 
 def _group(name: str) -> str:
@@ -70,9 +71,9 @@ def _run(values: dict[str, Any]) -> None:
                   f"({c.finetune}, {c.dtype}) -> {c.output}")  # fmt: skip
     with RichCallbacks() as callbacks:
         run = run_training(c, backend, callbacks)
-    done = run.state.step >= run.state.total_steps
-    console.print(f"[green]done[/]: {run.state.step} steps, weights in {c.output}" if done
-                  else f"[yellow]stopped[/] at step {run.state.step}")  # fmt: skip
+    if run.state.step < run.state.total_steps:  # stopped by Ctrl-C: saved, and said so once
+        raise typer.Exit(INTERRUPTED)
+    console.print(f"[green]done[/]: {run.state.step} steps, weights in {c.output}")
 
 
 _params = [
