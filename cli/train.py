@@ -54,6 +54,7 @@ def train(**values: Any) -> None:
 def _run(values: dict[str, Any]) -> None:
     from tabpo.backends import get_backend
     from tabpo.cli.ui import RichCallbacks
+    from tabpo.training.loop import check
     from tabpo.training.loop import train as run_training
 
     config_file = values.pop("config", None)
@@ -65,12 +66,13 @@ def _run(values: dict[str, Any]) -> None:
     if config_file is not None:
         file_values.update(cfg.read_yaml(config_file))
     c = cfg.build(file_values, values)
+    plan = check(c)  # the options, output and data files, before any backend is imported
     quiet_libraries()
     backend = get_backend(c.backend)
     console.print(f"tabpo train: {c.loss} on {c.model} with the {backend.name} backend "
                   f"({c.finetune}, {c.dtype}) -> {c.output}")  # fmt: skip
     with RichCallbacks() as callbacks:
-        run = run_training(c, backend, callbacks)
+        run = run_training(c, backend, callbacks, plan)
     if run.state.step < run.state.total_steps:  # stopped by Ctrl-C: saved, and said so once
         raise typer.Exit(INTERRUPTED)
     console.print(f"[green]done[/]: {run.state.step} steps, weights in {c.output}")

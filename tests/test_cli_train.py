@@ -9,6 +9,7 @@ from helpers import build_tiny_model, write_pairs
 from typer.testing import CliRunner
 
 from tabpo.cli.app import app
+from tabpo.common.files import OutputDir
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,33 @@ def test_unsupported_family_and_bad_data_line(args, model_dir, tmp_path):
     result = run([*args, "--data", bad])
     assert result.exit_code == 2 and "bad.jsonl:2" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing data", "malformed data", "existing output"])
+def test_what_needs_no_model_is_checked_before_any_is_loaded(args, tmp_path, monkeypatch,
+                                                             problem):  # fmt: skip
+    """A missing or malformed data file and an existing output directory are reported before
+    the tokenizer, the backend or the model load (each would fail the test if reached)."""
+    import tabpo.backends
+    import tabpo.training.loop
+
+    def reached(*_, **__):
+        raise AssertionError("a tokenizer or backend was loaded before the cheap checks")
+
+    monkeypatch.setattr(tabpo.backends, "get_backend", reached)
+    monkeypatch.setattr(tabpo.training.loop, "load_tokenizer", reached)
+    argv = list(args)
+    if problem == "missing data":
+        argv[argv.index("--data") + 1] = tmp_path / "absent.jsonl"
+        message = "absent.jsonl: file not found"
+    elif problem == "malformed data":
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{x\n')
+        argv[argv.index("--data") + 1] = tmp_path / "bad.jsonl"
+        message = "bad.jsonl:2"
+    else:
+        OutputDir(tmp_path / "out").record("metrics.jsonl")
+        message = "exists (use --force or --resume"
+    one_line_error(run(argv), [message])
 
 
 def test_a_directory_tabpo_did_not_write_is_never_replaced(args, tmp_path):

@@ -7,13 +7,14 @@ cache, evaluation, logging, checkpoints, stopping) lives here and in ``tabpo.tra
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tabpo.common.errors import TabpoError
 from tabpo.common.files import OutputDir, write_text
 from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
-from tabpo.data.records import read_preferences
+from tabpo.data.records import PreferenceExample, read_preferences
 from tabpo.losses import get
 from tabpo.models.families import inspect_model_dir
 from tabpo.training import config as cfg
@@ -23,14 +24,56 @@ from tabpo.training.checkpoint import CONFIG_FILE, TrainerState, read_state, res
 from tabpo.training.run import Callbacks, Dataset, NonFiniteLoss, Run, step_pairs
 from tabpo.training.tracking import METRICS_FILE, MetricsLog, Throughput
 
-__all__ = ["Callbacks", "Dataset", "NonFiniteLoss", "Run", "step_pairs", "train"]
+__all__ = ["Callbacks", "Dataset", "NonFiniteLoss", "Plan", "Run", "check", "step_pairs", "train"]
 
 
 # -- setting up and running ---------------------------------------------------------------
 
 
-def load_dataset(path: str, tokenizer: Any, c: cfg.TrainConfig) -> Dataset:
+@dataclass
+class Plan:
+    """What ``check`` found before anything heavy ran: where the output goes (and, on
+    resume, the checkpoint and its state) and the data files, read and checked."""
+
+    output: Path
+    resumed: TrainerState | None
+    checkpoint: Path | None
+    train_examples: list[PreferenceExample]
+    eval_examples: list[PreferenceExample] | None
+
+
+def check(c: cfg.TrainConfig) -> Plan:
+    """Everything that needs no model, tokenizer or backend, in a fraction of a second: the
+    options, the output directory (or the checkpoint to resume from), the model
+    directories, and every line of the data files. The CLI runs it before importing a
+    backend, so a typo costs no model load."""
+    cfg.validate(c)
+    output, resumed, checkpoint = prepare_output(c)
+    inspect_model_dir(c.model or "")
+    if c.ref_model:
+        inspect_model_dir(c.ref_model)
+    train_examples = read_examples(c.data or "", c)
+    eval_examples = read_examples(c.eval_data, c) if c.eval_data else None
+    return Plan(output, resumed, checkpoint, train_examples, eval_examples)
+
+
+def read_examples(path: str, c: cfg.TrainConfig) -> list[PreferenceExample]:
+    """The records of a data file, all pairs or all prompt/completion, as the loss needs."""
     examples, _ = read_preferences(path)
+    kinds = {e.rejected is None for e in examples}
+    if len(kinds) > 1:
+        raise TabpoError(f"{path}: mixes preference pairs and prompt/completion records")
+    if True in kinds and get(c.loss).needs_pairs:
+        raise TabpoError(
+            f"{path} holds prompt/completion records, but loss '{c.loss}' needs chosen and "
+            f"rejected pairs (use --loss sft, or build pairs with tabpo pairs)"
+        )
+    return examples
+
+
+def encode_dataset(
+    path: str, examples: list[PreferenceExample], tokenizer: Any, c: cfg.TrainConfig
+) -> Dataset:
     try:
         pairs, stats = encode_pairs(
             tokenizer,
@@ -42,14 +85,6 @@ def load_dataset(path: str, tokenizer: Any, c: cfg.TrainConfig) -> Dataset:
         )
     except TabpoError as exc:
         raise TabpoError(f"{path}: {exc}") from None
-    kinds = {p.rejected_ids is None for p in pairs}
-    if len(kinds) > 1:
-        raise TabpoError(f"{path}: mixes preference pairs and prompt/completion records")
-    if True in kinds and get(c.loss).needs_pairs:
-        raise TabpoError(
-            f"{path} holds prompt/completion records, but loss '{c.loss}' needs chosen and "
-            f"rejected pairs (use --loss sft, or build pairs with tabpo pairs)"
-        )
     return Dataset(pairs, stats, path, {p.index: p.line for p in pairs})
 
 
@@ -92,17 +127,20 @@ def reference_table(run: Run, data: Dataset, *, name: str) -> refcache.RefTable:
     return refcache.RefTable(entries)
 
 
-def train(c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = None) -> Run:
-    """Run the whole training job described by ``c``; returns the finished run."""
+def train(
+    c: cfg.TrainConfig, backend: Backend, callbacks: Callbacks | None = None,
+    plan: Plan | None = None,
+) -> Run:  # fmt: skip
+    """Run the whole training job described by ``c``; returns the finished run. ``plan``:
+    what ``check(c)`` returned, when the caller ran it first."""
     callbacks = callbacks or Callbacks()
-    cfg.validate(c)
-    output, resumed, checkpoint = prepare_output(c)
-    inspect_model_dir(c.model or "")  # a clear error before any data is read
-    if c.ref_model:
-        inspect_model_dir(c.ref_model)
+    plan = plan or check(c)
+    output, resumed, checkpoint = plan.output, plan.resumed, plan.checkpoint
     tokenizer = load_tokenizer(c.model or "")
-    train_data = load_dataset(c.data or "", tokenizer, c)
-    eval_data = load_dataset(c.eval_data, tokenizer, c) if c.eval_data else None
+    train_data = encode_dataset(c.data or "", plan.train_examples, tokenizer, c)
+    eval_data = None
+    if c.eval_data and plan.eval_examples is not None:
+        eval_data = encode_dataset(c.eval_data, plan.eval_examples, tokenizer, c)
     _report_encoding(callbacks, train_data)
     precompute = cfg.use_precomputed_reference(c)
     objective = get(c.loss).bind(**c.loss_hparams())
