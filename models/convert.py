@@ -174,11 +174,16 @@ def _convert_adapter(
         raise TabpoError(f"{src} is already a {KINDS[kind]} (--to {to}): nothing to convert")
     adapter = fmt.read_peft(src) if kind == "peft" else fmt.read_mlx(src)
     do_verify = should_verify(verify_result)
-    if base is None and (do_verify or result == "mlx"):
-        why = "mlx-lm counts adapted blocks from the last one" if result == "mlx" else "verify"
+    if base is None and result == "mlx":  # whether verified or not
         raise TabpoError(
-            f"--base DIR (the adapter's base model) is required ({why}; "
-            "--no-verify skips verification)"
+            "--base DIR (the adapter's base model) is required to write an mlx-lm adapter: "
+            "mlx-lm counts the adapted blocks from the last one, so the base's layer count "
+            "is needed"
+        )
+    if base is None and do_verify:
+        raise TabpoError(
+            "--base DIR (the adapter's base model) is required to verify the conversion "
+            "(--no-verify converts without it)"
         )
     base_model = read_model(base) if base is not None else None
     if base_model is not None:

@@ -514,6 +514,24 @@ def test_bad_directories_and_destinations(tiny, tmp_path):
     assert result.exit_code == 0 and (existing / "model.safetensors").is_file()
 
 
+def test_base_is_asked_for_only_where_it_is_needed(tiny, tmp_path):
+    """PEFT -> mlx-lm needs the base's layer count whether verified or not, and says so
+    without pointing at --no-verify; mlx-lm -> PEFT needs it only to verify, and
+    --no-verify converts without it."""
+    base = tiny("llama")
+    peft = peft_adapter(base, tmp_path / "peft")
+    for extra in ([], ["--no-verify"]):
+        result = cli(peft, tmp_path / "to-mlx", "--to", "mlx", *extra)
+        assert result.exit_code == 2 and "layer count" in result.output, result.output
+        assert "--no-verify" not in result.output
+    mlx = mlx_adapter(base, tmp_path / "mlx", keys=["self_attn.q_proj"], num_layers=1)
+    result = cli(mlx, tmp_path / "to-peft", "--to", "torch")
+    assert result.exit_code == 2 and "--no-verify converts without it" in result.output
+    result = cli(mlx, tmp_path / "to-peft", "--to", "torch", "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "to-peft" / "adapter_model.safetensors").is_file()
+
+
 def test_failed_verification_writes_nothing(tiny, tmp_path):
     """bf16 rounding moves log-probs by more than an impossible tolerance: exit 2, and the
     temporary directory is gone."""
