@@ -41,7 +41,9 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    # peft reads transformers 5's deprecated is_gradient_checkpointing: understood, harmless
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)  # fmt: skip
 
 
 def load_adapter(impl: Any, model: Any, adapter: Any, dtype: str) -> None:

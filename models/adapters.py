@@ -271,7 +271,11 @@ def write_mlx(dst: Path, adapter: Adapter, *, base_layers: int) -> None:
 def cast_adapter(adapter: Adapter, dtype: str) -> Adapter:
     """Every factor (and magnitude) cast to the safetensors dtype code ``dtype``."""
     modules = {
-        p: Factors(cast(f.a, dtype), cast(f.b, dtype), None if f.m is None else cast(f.m, dtype))
+        p: Factors(
+            cast(f.a, dtype, name=p),
+            cast(f.b, dtype, name=p),
+            None if f.m is None else cast(f.m, dtype, name=p),
+        )  # fmt: skip
         for p, f in adapter.modules.items()
     }
     return dataclasses.replace(adapter, modules=modules)

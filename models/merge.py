@@ -42,7 +42,7 @@ def merged_weight(weight: Tensor, adapter: Adapter, module: str, dtype: str) -> 
     if f.m is not None:
         norms = np.linalg.norm(merged, axis=1, keepdims=True)  # (out, 1)
         merged = to_float32(f.m).astype(np.float64)[:, None] / norms * merged
-    return from_float32(merged.astype(np.float32), dtype)
+    return from_float32(merged.astype(np.float32), dtype, name=module)
 
 
 def merge_update(adapter: Adapter, dtype: str | None) -> Update:

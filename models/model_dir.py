@@ -172,7 +172,7 @@ def write_model(
                 tensor = raw[name]
             if update is not None:
                 tensor = update(name, tensor)
-            out[name] = cast(tensor, DTYPE_CODES[dtype]) if dtype else tensor
+            out[name] = cast(tensor, DTYPE_CODES[dtype], name=name) if dtype else tensor
             weight_map[name] = file_name
         total += write_safetensors(dst / file_name, out, METADATA[to])
     if n > 1:

@@ -150,8 +150,12 @@ def to_float32(t: Tensor) -> np.ndarray:
     return t.array().astype(np.float32)
 
 
-def from_float32(x: np.ndarray, dtype: str) -> Tensor:
-    """Round float32 values to ``dtype`` (nearest even, as torch does; NaN stays NaN)."""
+def from_float32(x: np.ndarray, dtype: str, *, name: str | None = None) -> Tensor:
+    """Round float32 values to ``dtype`` (nearest even, as torch does; NaN stays NaN).
+
+    A finite value beyond float16's range (65504) rounds to +-inf, as torch's cast does,
+    silently. Given the tensor's ``name`` (a conversion of the user's weights), that is an
+    error naming the tensor instead: a model with inf weights is broken."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if dtype == "BF16":
         bits = x.view(np.uint32)
@@ -159,17 +163,25 @@ def from_float32(x: np.ndarray, dtype: str) -> Tensor:
         nan = (bits >> 16) | np.uint32(0x40)
         out = np.where(np.isnan(x), nan, rounded).astype("<u2")
     else:
-        out = x.astype(STORAGE[dtype])
+        with np.errstate(over="ignore"):  # the IEEE result, checked just below when named
+            out = x.astype(STORAGE[dtype])
+        overflow = np.isinf(out) & np.isfinite(x)
+        if name is not None and overflow.any():
+            raise TabpoError(
+                f"{name}: values up to {np.abs(x[overflow]).max():.4g} do not fit {dtype} "
+                "(they would become inf); keep a wider --dtype"
+            )
     return Tensor(dtype, tuple(x.shape), out.tobytes())
 
 
-def cast(t: Tensor, dtype: str) -> Tensor:
-    """``t`` in ``dtype`` if it is floating point; unchanged (same bytes) otherwise."""
+def cast(t: Tensor, dtype: str, *, name: str | None = None) -> Tensor:
+    """``t`` in ``dtype`` if it is floating point; unchanged (same bytes) otherwise; with
+    ``name``, an overflow to inf is an error (``from_float32``)."""
     if t.dtype not in FLOATS or t.dtype == dtype:
         return t
     if t.dtype == "F64":
-        return from_float32(t.array().astype(np.float32), dtype)
-    return from_float32(to_float32(t), dtype)
+        return from_float32(t.array().astype(np.float32), dtype, name=name)
+    return from_float32(to_float32(t), dtype, name=name)
 
 
 def transpose(t: Tensor) -> Tensor:

@@ -229,7 +229,21 @@ def test_rounding_matches_torch_on_edge_values():
         want = torch.from_numpy(x).to(dtype).view(torch.int16).numpy().view(np.uint16)
         nan = np.isnan(x)
         assert np.array_equal(got[~nan], want[~nan]), code
-        assert np.isnan(torch.from_numpy(got.view(np.int16)).view(dtype).float().numpy()[nan]).all()
+        assert np.isnan(
+            torch.from_numpy(got.view(np.int16).copy()).view(dtype).float().numpy()[nan]
+        ).all()
+
+
+def test_a_weight_beyond_float16_is_refused_by_name():
+    """65504 is float16's largest value: a weight of 1e5 would become inf, which a
+    conversion refuses naming the tensor; the bare rounding gives inf, as torch does."""
+    from tabpo.models.tensors import cast, from_float32
+
+    big = np.array([1.0, -1e5, 3.0], dtype=np.float32)
+    with pytest.raises(TabpoError, match=r"model.w: values up to 1e\+05 do not fit F16"):
+        cast(from_float32(big, "F32"), "F16", name="model.w")
+    assert np.isinf(np.frombuffer(from_float32(big, "F16").data, np.float16)[1])
+    cast(from_float32(big, "F32"), "BF16", name="model.w")  # bf16 has float32's range
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -192,7 +192,7 @@ def test_orpo_stays_finite_where_a_mean_log_prob_rounds_to_zero(a_chosen):
     loss, _ = losses.get("orpo")(pc, torch.full((1, 2), a_r), None, None, torch.ones(1, 2),
                                  torch.ones(1, 2))  # fmt: skip
     loss.backward()
-    assert math.isfinite(float(loss)) and torch.isfinite(pc.grad).all()
+    assert math.isfinite(loss.item()) and torch.isfinite(pc.grad).all()
 
 
 def test_sft_is_per_pair_token_mean_then_pair_mean():
