@@ -271,5 +271,7 @@ class MlxBackend:
         self._reference_model = None
         mx.clear_cache()
 
-    def peak_memory_gb(self) -> float:
-        return mx.get_peak_memory() / 1e9
+    def peak_accelerator_memory_gb(self) -> float | None:
+        """MLX's peak allocation on a Metal GPU; None on the CPU, where it is part of the
+        process's resident set, which the core reports."""
+        return mx.get_peak_memory() / 1e9 if mx.metal.is_available() else None

@@ -8,8 +8,6 @@ fine-tuning; it always runs in eval mode without gradient.
 
 from __future__ import annotations
 
-import resource
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -268,12 +266,11 @@ class TorchBackend:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def peak_memory_gb(self) -> float:
-        """Peak CUDA allocation on a GPU, else the process's peak resident set size."""
+    def peak_accelerator_memory_gb(self) -> float | None:
+        """torch's peak CUDA allocation on a GPU; None elsewhere (MPS keeps no peak)."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 1e9
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9  # bytes vs KiB
+        return None
 
 
 def _grad_norm(trained: list[nn.Parameter]) -> float:

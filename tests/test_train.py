@@ -83,7 +83,7 @@ def test_outputs_metrics_checkpoints(backend, model_dir, data, tmp_path):
               "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
               "logps/rejected", "loss/pref", "loss/barrier", "barrier/active_frac",
               "policy/prob_chosen", "pref/p", "delta/min", "delta/mean", "delta/max", "it/s",
-              "tok/s", "peak_memory_gb", "epoch"}  # fmt: skip
+              "tok/s", "peak_rss_gb", "epoch"}  # fmt: skip
     assert needed <= set(train_records[0]), needed - set(train_records[0])
     assert [r["num_tokens"] for r in train_records] == sorted(r["num_tokens"] for r in
                                                               train_records)  # fmt: skip

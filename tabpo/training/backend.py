@@ -204,7 +204,9 @@ class Backend(Protocol):
         log-probs are precomputed, so training holds one model; asking for the reference
         afterwards is an error. A no-op under LoRA (the reference is the adapter off)."""
 
-    def peak_memory_gb(self) -> float: ...
+    def peak_accelerator_memory_gb(self) -> float | None:
+        """The library's own peak allocation on a GPU (CUDA, Metal), in GB; None on a CPU
+        (the core reports the process's peak resident set for every backend)."""
 
     def generate(
         self, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int]

@@ -22,7 +22,7 @@ from tabpo.training import refcache
 from tabpo.training.backend import Backend, ModelOptions, OptimizerSettings, seeded_lora_init
 from tabpo.training.checkpoint import CONFIG_FILE, TrainerState, read_state, resolve_checkpoint
 from tabpo.training.run import Callbacks, Dataset, NonFiniteLoss, Run, step_pairs
-from tabpo.training.tracking import METRICS_FILE, MetricsLog, Throughput
+from tabpo.training.tracking import METRICS_FILE, MetricsLog, Throughput, peak_rss_gb
 
 __all__ = ["Callbacks", "Dataset", "NonFiniteLoss", "Plan", "Run", "check", "step_pairs", "train"]
 
@@ -194,7 +194,7 @@ def _loop(run: Run) -> None:
         if s.step % c.logging_steps == 0 or s.step == s.total_steps:
             record = {"step": s.step, "epoch": round(s.epoch + s.epoch_step / max(
                 run.steps_per_epoch, 1), 4), **record, **speed.read(),
-                "peak_memory_gb": run.backend.peak_memory_gb()}  # fmt: skip
+                **memory(run.backend)}  # fmt: skip
             log.write(record)
             run.callbacks.log(record)
         run.callbacks.advance("train")
@@ -212,6 +212,16 @@ def _loop(run: Run) -> None:
         _log_eval(run, log)
     run.checkpoint()
     run.publish_final()
+
+
+def memory(backend: Backend) -> dict[str, float]:
+    """``peak_rss_gb``, the process's peak resident set, the same quantity whatever the
+    backend; ``peak_accelerator_gb`` where the backend runs on a GPU."""
+    out = {"peak_rss_gb": peak_rss_gb()}
+    accelerator = backend.peak_accelerator_memory_gb()
+    if accelerator is not None:
+        out["peak_accelerator_gb"] = accelerator
+    return out
 
 
 def _log_eval(run: Run, log: MetricsLog) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,6 +46,15 @@ class Throughput:
 
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def peak_rss_gb() -> float:
+    """The process's peak resident set size in GB (what `/usr/bin/time -v` reports), the
+    same measure for every backend and every tool the benchmark compares."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes vs KiB
 
 
 class MetricsLog:
