@@ -57,28 +57,37 @@ def eval(  # noqa: A001 (the command's name)
     max_new_tokens: MaxNew = 256,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 32,
     snap: Annotated[bool, typer.Option(help="Also report spans snapped to the message.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Write metrics + predictions JSON.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the metrics to this JSON file, and every prediction with its "
+            "gold answer beside it, to OUT's name with .predictions.jsonl."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite --out and its predictions.")] = False,
 ) -> None:
     """Greedy-decode every prompt and score it: Code / Sub-code micro-F1, relaxed Span F1
     (the paper's), strict triplet F1, JSON validity (docs/method.md §5)."""
     from tabpo.clinical.annotate import evaluate, predict, read_records
 
     records = read_records(data)
+    written = [out, out.with_suffix(".predictions.jsonl")] if out is not None else []
+    if not force and any(p.exists() for p in written):
+        raise TabpoError(f"{out} or its predictions exist (use --force to overwrite them)")
     impl, tokenizer = load_model(backend, model, adapter, dtype)
     predictions = predict(impl, tokenizer, records, max_new_tokens=max_new_tokens,
                           batch_size=batch_size)  # fmt: skip
     scores = evaluate(records, predictions, snap=snap)
     console.print(metrics_table({str(model.name if adapter is None else adapter.name): scores}))
     if out is not None:
-        from tabpo.common.files import write_jsonl
+        from tabpo.common.files import write_jsonl, write_text
 
         doc = {"model": str(model), "adapter": str(adapter) if adapter else None,
                "data": str(data), "metrics": scores}  # fmt: skip
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2) + "\n")
+        write_text(out, json.dumps(doc, indent=2) + "\n")
         write_jsonl([{"prediction": p, "gold": r["completion"]} for p, r in
-                     zip(predictions, records, strict=True)],
-                    out.with_suffix(".predictions.jsonl"))  # fmt: skip
+                     zip(predictions, records, strict=True)], written[1])  # fmt: skip
+        console.print(f"metrics: {out}  predictions: {written[1]}")
 
 
 @handles_errors

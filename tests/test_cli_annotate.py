@@ -83,6 +83,13 @@ def test_eval_with_an_adapter_matches_the_trained_model(backend, model_dir, reco
     base_preds = [json.loads(x)["prediction"] for x in
                   base.with_suffix(".predictions.jsonl").read_text().splitlines()]  # fmt: skip
     assert base_preds != want
+    again = run("eval", "--model", model_dir, "--data", records, "--backend", backend,
+                "--max-new-tokens", 10, "--out", base)  # fmt: skip
+    assert again.exit_code == 2 and "use --force" in again.output  # no silent overwrite
+
+
+def test_eval_help_names_the_predictions_file():
+    assert ".predictions.jsonl" in " ".join(run("eval", "--help").output.split())
 
 
 def test_demo_end_to_end(model_dir, tmp_path):
@@ -103,6 +110,9 @@ def test_demo_end_to_end(model_dir, tmp_path):
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = (tmp_path / "data" / "pairs.jsonl").read_text().splitlines()
     assert len(pairs) == result.pair_stats["pairs"]
+    settings = json.loads((tmp_path / "results.json").read_text())["settings"]
+    assert settings["seeds"] == 1 and settings["methods"] == ["dpo", "tabpo"]  # typed JSON
+    assert settings["learning_rate"] == 2e-5 and settings["out"] == str(tmp_path)
 
 
 def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):

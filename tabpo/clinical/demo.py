@@ -84,7 +84,7 @@ def run_demo(
         return predict(backend, tokenizer, records, max_new_tokens=s.max_new_tokens,
                        progress=lambda n: callbacks.advance(name, n))  # fmt: skip
 
-    result = DemoResult(settings={k: str(v) for k, v in asdict(s).items()}, pair_stats={})
+    result = DemoResult(settings=typed(asdict(s)), pair_stats={})
     sft_scores = evaluate(test, answers(sft, test, f"SFT on {s.eval_split}"), snap=True)
     result.scores["sft"] = [sft_scores] * s.seeds
     rows, result.pair_stats = make_pairs(pref, answers(sft, pref, "SFT on pref"),
@@ -111,6 +111,12 @@ def run_demo(
             if seed == 0:
                 result.curves[method] = chosen_curve(run_dir / "metrics.jsonl")
     return result
+
+
+def typed(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as JSON values of their own types (paths as strings, tuples as lists)."""
+    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+            for k, v in settings.items()}  # fmt: skip
 
 
 def chosen_curve(metrics: Path) -> list[tuple[int, float]]:
