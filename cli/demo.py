@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -69,8 +70,10 @@ def demo(
     if force:
         output.clear()
     output.record(*OUTPUTS)
+    started = time.perf_counter()
     with RichCallbacks() as callbacks:
         result = run_demo(s, get_backend, callbacks)
     path = report.write(result, out, "tabpo " + " ".join(sys.argv[1:]))
     console.print(report.table(result))
-    console.print(f"[green]report[/]: {path}  figure: {out / 'figure.png'}")
+    console.print(f"[green]report[/]: {path}  figure: {out / 'figure.png'}  "
+                  f"(demo took {time.perf_counter() - started:.0f} s)")  # fmt: skip

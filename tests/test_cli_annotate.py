@@ -113,6 +113,9 @@ def test_demo_end_to_end(model_dir, tmp_path):
     settings = json.loads((tmp_path / "results.json").read_text())["settings"]
     assert settings["seeds"] == 1 and settings["methods"] == ["dpo", "tabpo"]  # typed JSON
     assert settings["learning_rate"] == 2e-5 and settings["out"] == str(tmp_path)
+    stages = set(result.seconds)  # each stage's own time, in the report too
+    assert {"SFT on test", "train dpo (seed 0)", "tabpo on test (seed 0)"} <= stages
+    assert all(v >= 0 for v in result.seconds.values()) and "Time: " in text
 
 
 def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,15 @@ class DemoResult:
     pair_stats: dict[str, int]
     scores: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # method -> seeds
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # logps/chosen
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall-clock time
+
+    @contextmanager
+    def timed(self, stage: str, callbacks: Callbacks) -> Iterator[None]:
+        """Record the stage's wall-clock time and say it (the demo runs for minutes)."""
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = round(time.perf_counter() - start, 1)
+        callbacks.message(f"{stage}: {self.seconds[stage]:.0f} s")
 
 
 def run_demo(
@@ -85,10 +96,13 @@ def run_demo(
                        progress=lambda n: callbacks.advance(name, n))  # fmt: skip
 
     result = DemoResult(settings=typed(asdict(s)), pair_stats={})
-    sft_scores = evaluate(test, answers(sft, test, f"SFT on {s.eval_split}"), snap=True)
+    with result.timed(f"SFT on {s.eval_split}", callbacks):
+        sft_scores = evaluate(test, answers(sft, test, f"SFT on {s.eval_split}"), snap=True)
     result.scores["sft"] = [sft_scores] * s.seeds
-    rows, result.pair_stats = make_pairs(pref, answers(sft, pref, "SFT on pref"),
-                                         strategy="confusion", seed=s.data_seed)  # fmt: skip
+    with result.timed("SFT on pref (for the pairs)", callbacks):
+        predicted = answers(sft, pref, "SFT on pref")
+    rows, result.pair_stats = make_pairs(pref, predicted, strategy="confusion",
+                                         seed=s.data_seed)  # fmt: skip
     pairs_path = write_jsonl(rows, data / "pairs.jsonl")
     callbacks.message(f"{len(rows)} pairs from the SFT model's confusions -> {pairs_path}")
     del sft
@@ -104,9 +118,11 @@ def run_demo(
                 "ref_cache_dir": str(s.out / "cache"), **HPARAMS.get(method, {}),
             })  # fmt: skip
             callbacks.message(f"training {method} (seed {seed})")
-            trained = train(c, make_backend(s.backend), callbacks)
-            scores = evaluate(test, answers(trained.backend, test, f"{method} on {s.eval_split}"),
-                              snap=True)  # fmt: skip
+            with result.timed(f"train {method} (seed {seed})", callbacks):
+                trained = train(c, make_backend(s.backend), callbacks)
+            name = f"{method} on {s.eval_split}"
+            with result.timed(f"{name} (seed {seed})", callbacks):
+                scores = evaluate(test, answers(trained.backend, test, name), snap=True)
             result.scores.setdefault(method, []).append(scores)
             if seed == 0:
                 result.curves[method] = chosen_curve(run_dir / "metrics.jsonl")

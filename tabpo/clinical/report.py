@@ -4,6 +4,7 @@ and ``figure.png`` (F1 bars, and the chosen log-prob over training)."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def write(result: DemoResult, out: Path, command: str) -> Path:
         "Pairs: " + ", ".join(f"{k} {v}" for k, v in result.pair_stats.items()),
         "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in result.settings.items()),
+        "",
+        f"Time: {sum(result.seconds.values()):.0f} s in the stages below (wall clock, "
+        f"{os.cpu_count()} CPUs; other work on the machine slows it): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()),
         "",
         "![F1 and chosen log-prob](figure.png)",
         "",
