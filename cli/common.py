@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,8 +14,11 @@ from rich.markup import escape
 
 from tabpo.common.errors import TabpoError
 
-console = Console()
-err_console = Console(stderr=True)
+# Output to a file or a pipe (CI, logs) is laid out for 120 columns, not Rich's 80, unless
+# COLUMNS says otherwise; a terminal uses its own width.
+_PIPED_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or 120)
+console = Console(width=_PIPED_WIDTH)
+err_console = Console(stderr=True, width=_PIPED_WIDTH)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from rich import box
 from rich.table import Table
 
 from tabpo.cli.common import console, handles_errors, load_adapter, quiet_libraries
@@ -82,6 +83,8 @@ def parity(
         console.print_json(json.dumps(report.to_dict()))
     else:
         console.print(_table(report))
+        console.print(f"[{'green' if report.ok else 'bold red'}]{report.verdict()}[/]",
+                      highlight=False, soft_wrap=True)  # fmt: skip
     if not report.ok:
         raise typer.Exit(1)
 
@@ -109,9 +112,13 @@ def _random_adapter(backend, seed: int) -> dict[str, np.ndarray]:
 
 
 def _table(report) -> Table:
-    table = Table(title=f"torch vs mlx ({report.dtype})")
-    for column in ("quantity", "torch", "mlx", "max abs diff", "relative diff", "tolerance", ""):
-        table.add_column(column, justify="left" if column == "quantity" else "right")
+    """One row per check, at most 120 columns: pass means the relative difference is within
+    the tolerance; log-prob rows show each side's total (signed), gradients their norm."""
+    table = Table(title=f"torch vs mlx ({report.dtype}): pass = relative difference <= "
+                  "tolerance", box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip
+    table.add_column("quantity", no_wrap=True)
+    for column in ("torch", "mlx", "max |diff|", "rel. diff", "tolerance", "pass"):
+        table.add_column(column, justify="right", no_wrap=True)
     for c in report.checks:
         mark = "[green]pass[/]" if c.ok else "[bold red]FAIL[/]"
         table.add_row(c.quantity, f"{c.torch:.6g}", f"{c.mlx:.6g}", f"{c.max_abs_diff:.2e}",

@@ -65,3 +65,24 @@ def test_defaults_are_the_shipped_model_and_benchmark():
     doc = json.loads(result.stdout)
     assert doc["pass"] is True
     assert doc["backends"]["torch"]["tabpo"]["metrics"]["logps/chosen"] < 0
+
+
+def test_table_reads_in_120_columns_and_ends_with_the_verdict(setup):
+    """Piped output: every check on one line of at most 120 columns, the header says what
+    pass means, log-prob rows keep their sign, and the last line is the verdict with the
+    worst row."""
+    model, data = setup
+    result = run("--model", model, "--data", data, "--loss", "dpo", "--loss", "tabpo")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.rstrip("\n").splitlines()  # (a library's loading bar is on stderr)
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    assert "pass = relative difference <= tolerance" in result.stdout
+    rows = [line for line in lines if line.rstrip().endswith(" pass")][1:]  # after the header
+    doc = json.loads(run("--model", model, "--data", data, "--loss", "dpo", "--loss", "tabpo",
+                         "--json").stdout)  # fmt: skip
+    assert len(rows) == len(doc["checks"])  # one line per check, nothing wrapped
+    logps = next(r for r in rows if r.lstrip().startswith("policy log-probs (chosen)"))
+    assert float(logps.split()[4]) < 0  # the sequence's total log-prob, with its sign
+    worst = max(doc["checks"], key=lambda c: c["rel_diff"] / c["tolerance"])
+    assert lines[-1].startswith(f"PASS: all {len(rows)} checks within tolerance; worst "
+                                f"'{worst['quantity']}'")  # fmt: skip

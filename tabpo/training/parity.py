@@ -29,7 +29,7 @@ TOLERANCES = {
 @dataclass
 class Check:
     quantity: str
-    torch: float  # the value, or the 2-norm of an array
+    torch: float  # the value; of an array, its sum for log-probs (signed), else its 2-norm
     mlx: float
     max_abs_diff: float
     rel_diff: float
@@ -47,6 +47,16 @@ class Report:
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
 
+    def verdict(self) -> str:
+        """One line: pass or fail, how many checks, and the worst row against its tolerance."""
+        worst = max(self.checks, key=lambda c: c.rel_diff / c.tolerance)
+        failed = sum(not c.ok for c in self.checks)
+        head = (f"FAIL: {failed} of {len(self.checks)} checks over tolerance" if failed
+                else f"PASS: all {len(self.checks)} checks within tolerance")  # fmt: skip
+        share = worst.rel_diff / worst.tolerance
+        return (f"{head}; worst {worst.quantity!r}: {worst.rel_diff:.2e} relative, "
+                f"{share:.0%} of its tolerance")  # fmt: skip
+
     def compare(self, quantity: str, a: Any, b: Any, kind: str, floor: float = 0.0) -> Check:
         a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         diff = np.abs(a64 - b64)
@@ -54,7 +64,11 @@ class Report:
         rel = float(np.linalg.norm(diff)) / max(norm_a, norm_b, floor, 1e-30)
         tol = TOLERANCES[self.dtype][kind]
         ok = bool(np.isfinite(rel) and rel <= tol)
-        check = Check(quantity, norm_a if a64.ndim else float(a64), norm_b if b64.ndim
+        # what a reader recognises: a sequence's total log-prob keeps its sign
+        shown = [
+            float(x.sum()) if kind == "logps" else n for x, n in ((a64, norm_a), (b64, norm_b))
+        ]
+        check = Check(quantity, shown[0] if a64.ndim else float(a64), shown[1] if b64.ndim
                       else float(b64), float(diff.max(initial=0.0)), rel, tol, ok)  # fmt: skip
         self.checks.append(check)
         return check
