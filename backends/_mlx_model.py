@@ -11,6 +11,7 @@ transposes. Every other name is already Hugging Face's.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +83,41 @@ def apply_lora(model: nn.Module, lora: LoraSettings) -> dict[str, Any]:
     linear_to_lora_layers(model, num_layers=len(model.layers), config=params)
     mx.eval(model.parameters())
     return params
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Recompute every decoder layer's activations in the backward (``mx.checkpoint``), as
+    mlx-lm's ``--grad-checkpoint`` does, but per instance: each layer becomes an instance of
+    a subclass whose call is checkpointed, so other models of the class are untouched and
+    parameter names do not change."""
+    for layer in model.model.layers:
+        layer.__class__ = _checkpointed(type(layer))
+
+
+@functools.cache
+def _checkpointed(base: type) -> type:
+    def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        # arrays go through the checkpoint; anything else (a cache, a mask name) is closed over
+        at = [i for i, a in enumerate(args) if isinstance(a, mx.array)]
+        # the forked forward swaps each layer's RoPE for the forward's duration
+        # (_mlx_logps._positioned_rope); the recomputation runs in the backward, after the
+        # swap is undone, so it reinstalls the RoPE this call saw
+        rope = self.self_attn.rope
+
+        def inner(params: Any, *arrays: mx.array) -> Any:
+            self.update(params)
+            full = list(args)
+            for i, a in zip(at, arrays, strict=True):
+                full[i] = a
+            current, self.self_attn.rope = self.self_attn.rope, rope
+            try:
+                return base.__call__(self, *full, **kwargs)
+            finally:
+                self.self_attn.rope = current
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *(args[i] for i in at))
+
+    return type(base.__name__, (base,), {"__call__": __call__, "checkpointed": True})
 
 
 def lora_modules(model: nn.Module) -> list[LoRALinear]:

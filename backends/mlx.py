@@ -28,6 +28,7 @@ from tabpo.backends._mlx_model import (
     adapter_off,
     apply_lora,
     canonical,
+    checkpoint_layers,
     from_canonical,
     load_model,
     resolve,
@@ -65,6 +66,8 @@ class MlxBackend:
         self.info = resolve(options.path)
         self.prefix_sharing = options.prefix_sharing
         self.model, self.tokenizer = load_model(self.info, options.dtype)
+        if options.gradient_checkpointing:
+            checkpoint_layers(self.model)
         self._reference_model, self._grads = None, None
         where = rules.source(options)
         if where == rules.ADAPTER_OFF:

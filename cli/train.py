@@ -15,6 +15,7 @@ import typer
 
 from tabpo.cli.common import console, handles_errors, quiet_libraries
 from tabpo.training import config as cfg
+from tabpo.training import names
 from tabpo.training.checkpoint import CONFIG_FILE, resolve_checkpoint
 
 GROUPS = ("Model", "Data", "Loss", "LoRA", "Optimizer", "Output")
@@ -31,8 +32,8 @@ def _option(name: str) -> inspect.Parameter:
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     default = field.default
     shown = "" if default is None else f" (default: {default})"
-    flag = "--" + name.replace("_", "-")
-    decls = [f"{flag}/--no-{flag[2:]}"] if base is bool and name != "force" else [flag]
+    flags = ["--" + name.replace("_", "-"), *names.FLAGS.get(name, ())]  # + mlx-lm's spellings
+    decls = [f"{f}/--no-{f[2:]}" for f in flags] if base is bool and name != "force" else flags
     option = typer.Option(*decls, help=field.metadata["help"] + shown,
                           rich_help_panel=field.metadata["group"], show_default=False)  # fmt: skip
     return inspect.Parameter(

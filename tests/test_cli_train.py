@@ -239,3 +239,15 @@ def test_damaged_checkpoint_is_one_line(args, tmp_path, backend, file, spoil):
     spoil(tmp_path / "out" / "checkpoint-1" / file)
     one_line_error(run([*argv, "--resume", tmp_path / "out" / "checkpoint-1"]),
                    [f"checkpoint-1/{file}"])  # fmt: skip
+
+
+def test_mlx_lm_flags_that_map_cleanly(args, tmp_path):
+    """--iters and --adapter-path (mlx-lm's) mean --max-steps and --output."""
+    argv = [a for a in args if a not in ("--output", str(tmp_path / "out"))]
+    result = run([*argv, "--iters", 2, "--adapter-path", tmp_path / "adapters",
+                  "--grad-checkpoint"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(x)["step"] for x in
+             (tmp_path / "adapters" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert steps == [1, 2]
+    assert "gradient_checkpointing: true" in (tmp_path / "adapters" / "config.yaml").read_text()

@@ -82,3 +82,46 @@ def test_yaml_round_trip(tmp_path):
     c = cfg.build({}, {**REQUIRED, "loss": "ipo", "normalize": False, "max_steps": 7})
     again = cfg.build(cfg.read_yaml(write(tmp_path, cfg.to_yaml(c))), {})
     assert again == c
+
+
+def test_a_trl_dpo_config_mostly_just_works(tmp_path):
+    """TRL's DPOConfig keys and loss names, with the same meaning."""
+    path = write(tmp_path, "model: m\ndata: d.jsonl\noutput_dir: runs/x\nloss_type: sigmoid\n"
+                 "per_device_train_batch_size: 4\nper_device_eval_batch_size: 8\n"
+                 "num_train_epochs: 2\nlr_scheduler_type: cosine\nbeta: 0.1\n"
+                 "gradient_checkpointing: true\nreport_to: [tensorboard]\n"
+                 "precompute_ref_log_probs: true\nresume_from_checkpoint: true\n")  # fmt: skip
+    c = cfg.build(cfg.read_yaml(path), {})
+    assert (c.output, c.loss, c.batch_size, c.eval_batch_size, c.epochs) == (
+        "runs/x", "dpo", 4, 8, 2.0)  # fmt: skip
+    assert (c.lr_scheduler, c.gradient_checkpointing, c.reporters()) == (
+        "cosine", True, ["tensorboard"])  # fmt: skip
+    assert c.precompute_ref is True and c.resume == "runs/x"  # true: the newest checkpoint
+
+
+def test_mlx_lm_names_that_map_cleanly(tmp_path):
+    path = write(tmp_path, "model: m\ndata: d.jsonl\nadapter_path: ad\niters: 50\n"
+                 "max_seq_length: 512\ngrad_checkpoint: true\nsteps_per_report: 5\n"
+                 "steps_per_eval: 25\nsave_every: 10\nfine_tune_type: lora\n")  # fmt: skip
+    c = cfg.build(cfg.read_yaml(path), {})
+    assert (c.output, c.max_steps, c.max_length, c.gradient_checkpointing) == (
+        "ad", 50, 512, True)  # fmt: skip
+    assert (c.logging_steps, c.eval_steps, c.save_steps, c.finetune) == (5, 25, 10, "lora")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("bf16: true\n", r"c.yaml:1: option 'bf16' is not supported: mixed precision"),
+        ("num_layers: 8\n", r"c.yaml:1: option 'num_layers' is not supported: .*every layer"),
+        ("max_prompt_length: 128\n", "prompts are cut from the left"),
+        ("learnig_rate: 1e-5\n", r"c.yaml:1: unknown option 'learnig_rate' \(did you mean "
+                                 r"'learning_rate'\?\)"),
+        ("per_device_batch_size: 2\n", "did you mean 'per_device_"),
+        ("report_to: mlflow\n", "--report-to: unknown 'mlflow'"),
+        ("force: true\n", "unknown option 'force'"),
+    ],
+)  # fmt: skip
+def test_foreign_keys_say_why_in_one_line(tmp_path, text, message):
+    with pytest.raises(TabpoError, match=message):
+        cfg.build(cfg.read_yaml(write(tmp_path, text)), REQUIRED)

@@ -111,6 +111,7 @@ class ModelOptions:
     ref_path: str | None = None  # full fine-tuning: a separate reference model directory
     keep_reference: bool = True  # full fine-tuning: keep a frozen copy as the reference
     prefix_sharing: str = "auto"  # tabpo.data.layout.SHARING: fork each pair at its prefix
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward
 
     def __post_init__(self) -> None:
         check_model_options(dtype=self.dtype, finetune=self.finetune,

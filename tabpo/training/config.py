@@ -2,8 +2,8 @@
 
 YAML keys are the option names (``learning_rate`` or ``learning-rate``); a flag given on
 the command line overrides the file, which overrides the defaults. TRL's names are used
-where the meaning is the same, and TRL's spellings ``loss_type`` and
-``precompute_ref_log_probs`` are accepted as aliases. Defaults follow the TAB-PO reference
+where the meaning is the same, and TRL's and mlx-lm's other names for our options are
+accepted (``tabpo.training.names``). Defaults follow the TAB-PO reference
 implementation (docs/method.md §2): lr 2e-4, 3 epochs, batch 1 x 2 accumulation, warmup 10%,
 linear decay, no clipping, LoRA r 16 / alpha 32 / dropout 0.05 on all projections.
 """
@@ -21,6 +21,7 @@ import yaml
 from tabpo import losses
 from tabpo.common.errors import TabpoError
 from tabpo.losses.weights import ALIGNMENTS, DEFAULT_FIELD_WEIGHTS, DIFF_FACTOR
+from tabpo.training import names
 from tabpo.training.backend import DTYPES, FINETUNE_MODES, LoraSettings, check_model_options
 from tabpo.training.schedule import SCHEDULES
 
@@ -28,7 +29,7 @@ BACKENDS = ("auto", "mlx", "torch")
 _LORA = LoraSettings()  # LoRA's defaults are the contract's
 LOSS_HPARAMS = ("beta", "tau", "barrier_weight", "variant", "label_smoothing", "gamma", "lam",
                 "alpha", "normalize")  # fmt: skip
-ALIASES = {"loss_type": "loss", "precompute_ref_log_probs": "precompute_ref"}
+REPORTERS = ("tensorboard", "wandb", "none")
 
 
 def opt(default: Any, help: str, group: str, **extra: Any) -> Any:
@@ -80,6 +81,11 @@ class TrainConfig:
         None, "Precompute reference log-probs once (default: on where the loss allows).", "Model"
     )
     ref_cache_dir: str | None = opt(None, "Reference cache (default ~/.cache/tabpo/ref).", "Model")
+    gradient_checkpointing: bool = opt(
+        False,
+        "Recompute each decoder layer's activations in the backward (less memory).",
+        "Model",
+    )
     prefix_sharing: str = opt(
         "auto",
         "One forward per pair, forked where chosen and rejected part: auto (when it saves "
@@ -106,6 +112,9 @@ class TrainConfig:
         None, "Keep at most N checkpoints (the oldest are deleted).", "Output"
     )
     logging_steps: int = opt(1, "Log metrics every N steps.", "Output")
+    report_to: str = opt(
+        "none", "Also log to tensorboard, wandb (comma-separated) or none.", "Output"
+    )
     resume: str | None = opt(None, "Continue from a checkpoint (or its output dir).", "Output")
     force: bool = opt(False, "Replace an existing output directory.", "Output")
 
@@ -123,6 +132,11 @@ class TrainConfig:
 
     def target_modules(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.lora_target_modules.split(",") if m.strip())
+
+    def reporters(self) -> list[str]:
+        """The loggers of --report-to besides metrics.jsonl ("none": no other)."""
+        chosen = [r.strip() for r in self.report_to.split(",") if r.strip()]
+        return [r for r in chosen if r != "none"]
 
     def lora(self) -> LoraSettings:
         return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout,
@@ -167,11 +181,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     lines = {str(k.value): k.start_mark.line + 1 for k, _ in getattr(root, "value", [])}
     out: dict[str, Any] = {}
     for key, value in values.items():
-        name = ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
         where = f"{path}:{lines.get(str(key), '?')}"
-        if name not in FIELDS or name in ("resume", "force"):
-            raise TabpoError(f"{where}: unknown option '{key}'")
-        out[name] = coerce(name, value, where)
+        try:
+            name = names.option(str(key), [f for f in FIELDS if f != "force"])
+        except TabpoError as exc:
+            raise TabpoError(f"{where}: {exc}") from None
+        if name == "resume" and isinstance(value, bool):  # TRL: true = the newest checkpoint
+            out[name] = value or None
+            continue
+        out[name] = coerce(name, names.value(name, value), where)
     return out
 
 
@@ -181,7 +199,7 @@ def coerce(name: str, value: Any, where: str) -> Any:
         return None
     if name == "field_weights" and isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items())
-    if name == "lora_target_modules" and isinstance(value, list):
+    if name in ("lora_target_modules", "report_to") and isinstance(value, list):
         return ",".join(map(str, value))
     kind = FIELDS[name].type
     try:
@@ -203,6 +221,8 @@ def coerce(name: str, value: Any, where: str) -> Any:
 def build(file_values: dict[str, Any], cli_values: dict[str, Any]) -> TrainConfig:
     """Defaults, then the YAML file, then flags (None means "not given")."""
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
+    if merged.get("resume") is True:  # resume_from_checkpoint: true, TRL's newest checkpoint
+        merged["resume"] = merged.get("output")
     config = TrainConfig(**merged)
     validate(config)
     return config
@@ -222,6 +242,9 @@ def validate(c: TrainConfig) -> None:
     check_model_options(dtype=c.dtype, finetune=c.finetune, prefix_sharing=c.prefix_sharing,
                         ref_path=c.ref_model)  # fmt: skip
     need(c.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}")
+    for reporter in c.reporters():
+        need(reporter in REPORTERS, f"--report-to: unknown {reporter!r} (choose from "
+             f"{', '.join(REPORTERS)}, comma-separated)")  # fmt: skip
     c.loss_hparams()  # unknown loss or a hyperparameter it does not take
     c.field_weight_map()
     for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_rank",

@@ -22,7 +22,16 @@ from tabpo.training import refcache
 from tabpo.training.backend import Backend, ModelOptions, OptimizerSettings, seeded_lora_init
 from tabpo.training.checkpoint import CONFIG_FILE, TrainerState, read_state, resolve_checkpoint
 from tabpo.training.run import Callbacks, Dataset, NonFiniteLoss, Run, step_pairs
-from tabpo.training.tracking import METRICS_FILE, MetricsLog, Throughput, peak_rss_gb
+from tabpo.training.tracking import (
+    METRICS_FILE,
+    OUTPUTS,
+    MetricsLog,
+    Reporter,
+    Throughput,
+    check_reporters,
+    open_reporters,
+    peak_rss_gb,
+)
 
 __all__ = ["Callbacks", "Dataset", "NonFiniteLoss", "Plan", "Run", "check", "step_pairs", "train"]
 
@@ -48,6 +57,7 @@ def check(c: cfg.TrainConfig) -> Plan:
     directories, and every line of the data files. The CLI runs it before importing a
     backend, so a typo costs no model load."""
     cfg.validate(c)
+    check_reporters(c.reporters())
     output, resumed, checkpoint = prepare_output(c)
     inspect_model_dir(c.model or "")
     if c.ref_model:
@@ -155,6 +165,7 @@ def train(
             ref_path=c.ref_model,
             keep_reference=objective.needs_reference and not precompute,
             prefix_sharing=c.prefix_sharing,
+            gradient_checkpointing=c.gradient_checkpointing,
         )
     )
     if c.finetune == "lora":  # the same start on every backend, whatever its own init
@@ -177,14 +188,20 @@ def train(
     if c.force:  # only now: a run that failed to start loses nothing
         out.clear()
     out.clean_stale()
-    out.record(CONFIG_FILE, METRICS_FILE)
+    out.record(CONFIG_FILE, METRICS_FILE, *(OUTPUTS[r] for r in c.reporters()))
     write_text(output / CONFIG_FILE, cfg.to_yaml(c))
-    _loop(run)
+    reporters = open_reporters(c.reporters(), output, c.to_dict())
+    try:
+        _loop(run, reporters)
+    finally:
+        for reporter in reporters:
+            reporter.close()
     return run
 
 
-def _loop(run: Run) -> None:
-    c, s, log = run.c, run.state, MetricsLog(run.output / METRICS_FILE)
+def _loop(run: Run, reporters: list[Reporter]) -> None:
+    c, s = run.c, run.state
+    log = MetricsLog(run.output / METRICS_FILE, reporters)
     speed = Throughput()
     run.callbacks.phase("train", s.total_steps - s.step)
     last_saved = s.step

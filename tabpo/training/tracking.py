@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -9,7 +10,9 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from tabpo.common.errors import TabpoError
 
 
 def combine(parts: Iterable[tuple[float, dict[str, float]]]) -> dict[str, float]:
@@ -58,15 +61,18 @@ def peak_rss_gb() -> float:
 
 
 class MetricsLog:
-    """Append-only JSON lines; non-finite numbers are written as strings ("nan", "inf")."""
+    """Append-only JSON lines; non-finite numbers are written as strings ("nan", "inf").
+    Each record goes to the ``reporters`` (``--report-to``) too."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, reporters: list[Reporter] | None = None) -> None:
+        self.path, self.reporters = path, reporters or []
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: _jsonable(v) for k, v in record.items()}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
+        for reporter in self.reporters:
+            reporter.log(record)
 
     def truncate(self, step: int) -> None:
         """Keep only the lines of steps up to ``step``: a run resumed from the checkpoint of
@@ -92,3 +98,68 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+class Reporter(Protocol):
+    """Where the records of metrics.jsonl also go (``--report-to``)."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+OUTPUTS = {"tensorboard": "runs", "wandb": "wandb"}  # what each writes in the output dir
+
+
+def check_reporters(names: list[str]) -> None:
+    """A one-line error now, before any model loads, for a logger that is not installed."""
+    for name in names:
+        module = {"tensorboard": "tensorboardX", "wandb": "wandb"}[name]
+        if importlib.util.find_spec(module) is None:
+            raise TabpoError(f"--report-to {name} needs the {module} package: pip install {module}")
+
+
+def open_reporters(names: list[str], output: Path, config: dict[str, Any]) -> list[Reporter]:
+    return [TensorBoard(output / OUTPUTS[n]) if n == "tensorboard" else WandB(output, config)
+            for n in names]  # fmt: skip
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a record, under their metrics.jsonl names (the step aside)."""
+    return {k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+
+
+class TensorBoard:
+    """TensorBoard event files (tensorboardX's writer): one scalar per metric and step."""
+
+    def __init__(self, directory: Path) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(logdir=str(directory))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in _scalars(record).items():
+            self.writer.add_scalar(key, value, int(record["step"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    """A Weights & Biases run (its own client; ``WANDB_MODE=offline`` needs no network),
+    named after the output directory, in ``WANDB_PROJECT`` (default "tabpo")."""
+
+    def __init__(self, output: Path, config: dict[str, Any]) -> None:
+        import wandb
+
+        project = os.environ.get("WANDB_PROJECT", "tabpo")
+        self.run = wandb.init(project=project, name=output.resolve().name, dir=str(output),
+                              config=config)  # fmt: skip
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(_scalars(record), step=int(record["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
