@@ -47,6 +47,17 @@ def load_model(backend: str, model: Path, adapter: Path | None, dtype: str) -> t
     return impl, load_tokenizer(model)
 
 
+def decode(impl: Any, tokenizer: Any, records: list[dict[str, Any]], **options: Any) -> list[str]:
+    """The model's greedy answers, with progress (greedy decoding takes minutes)."""
+    from tabpo.cli.ui import progress_callbacks
+    from tabpo.clinical.annotate import predict
+
+    with progress_callbacks() as callbacks:
+        callbacks.phase("decoding", len(records))
+        return predict(impl, tokenizer, records, **options,
+                       progress=lambda n: callbacks.advance("decoding", n))  # fmt: skip
+
+
 @handles_errors
 def eval(  # noqa: A001 (the command's name)
     model: Annotated[Path, typer.Option(help="Model directory.")],
@@ -68,15 +79,15 @@ def eval(  # noqa: A001 (the command's name)
 ) -> None:
     """Greedy-decode every prompt and score it: Code / Sub-code micro-F1, relaxed Span F1
     (the paper's), strict triplet F1, JSON validity (docs/method.md §5)."""
-    from tabpo.clinical.annotate import evaluate, predict, read_records
+    from tabpo.clinical.annotate import evaluate, read_records
 
     records = read_records(data)
     written = [out, out.with_suffix(".predictions.jsonl")] if out is not None else []
     if not force and any(p.exists() for p in written):
         raise TabpoError(f"{out} or its predictions exist (use --force to overwrite them)")
     impl, tokenizer = load_model(backend, model, adapter, dtype)
-    predictions = predict(impl, tokenizer, records, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size)  # fmt: skip
+    predictions = decode(impl, tokenizer, records, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size)  # fmt: skip
     scores = evaluate(records, predictions, snap=snap)
     console.print(metrics_table({str(model.name if adapter is None else adapter.name): scores}))
     if out is not None:
@@ -107,7 +118,7 @@ def pairs(
 ) -> None:
     """Build preference pairs by docs/method.md §4: minimal schema-valid edits of the gold answer
     drawn from the model's confusions (or the model's own wrong answers, or uniform rules)."""
-    from tabpo.clinical.annotate import make_pairs, predict, read_records
+    from tabpo.clinical.annotate import make_pairs, read_records
     from tabpo.common.files import write_jsonl
 
     if strategy not in ("confusion", "model", "rule"):
@@ -120,7 +131,7 @@ def pairs(
     predictions = None
     if model is not None and strategy != "rule":
         impl, tokenizer = load_model(backend, model, None, "float32")
-        predictions = predict(impl, tokenizer, records, max_new_tokens=max_new_tokens)
+        predictions = decode(impl, tokenizer, records, max_new_tokens=max_new_tokens)
     rows, stats = make_pairs(records, predictions, strategy=strategy, seed=seed)
     write_jsonl(rows, out)
     console.print(f"{len(rows)} pairs -> {out}; " + ", ".join(f"{k} {v}" for k, v in

@@ -28,7 +28,7 @@ def build_model(
     llama at random, then SFT it with `tabpo train --loss sft --finetune full` (the recipe
     in tabpo.models.tiny.SFT_RECIPE)."""
     from tabpo.backends import get_backend
-    from tabpo.cli.ui import RichCallbacks
+    from tabpo.cli.ui import progress_callbacks
     from tabpo.clinical import write_splits
     from tabpo.common.files import OutputDir, write_dir
     from tabpo.models.tiny import SFT_RECIPE, SHIPPED, corpus, init_model
@@ -48,7 +48,7 @@ def build_model(
     c = cfg.build({}, {**recipe, "model": str(out / "init"), "data": str(splits["sft"]),
                        "eval_data": str(splits["dev"]), "output": str(out / "sft"),
                        "ref_cache_dir": str(out / "cache")})  # fmt: skip
-    with RichCallbacks() as callbacks:
+    with progress_callbacks() as callbacks:
         train(c, get_backend(c.backend), callbacks)
     if install:
         write_dir(SHIPPED, lambda d: [shutil.copy2(out / "sft" / f, d / f) for f in MODEL_FILES

@@ -40,7 +40,7 @@ def demo(
     under the same budget, evaluate SFT vs DPO vs TAB-PO on held-out test phrasings, and
     write report.md and figure.png."""
     from tabpo.backends import get_backend, resolve
-    from tabpo.cli.ui import RichCallbacks
+    from tabpo.cli.ui import progress_callbacks
     from tabpo.clinical import report
     from tabpo.clinical.demo import FULL_METHODS, OUTPUTS, DemoSettings, run_demo
     from tabpo.common.errors import TabpoError
@@ -71,7 +71,7 @@ def demo(
         output.clear()
     output.record(*OUTPUTS)
     started = time.perf_counter()
-    with RichCallbacks() as callbacks:
+    with progress_callbacks() as callbacks:
         result = run_demo(s, get_backend, callbacks)
     path = report.write(result, out, "tabpo " + " ".join(sys.argv[1:]))
     console.print(report.table(result))

@@ -43,6 +43,7 @@ def parity(
     requested loss with its metrics, and the gradients. Exit code 1 on any failure."""
     from tabpo import losses
     from tabpo.backends import get_backend
+    from tabpo.cli.ui import progress_callbacks
     from tabpo.data.batching import collate
     from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
     from tabpo.data.records import read_preferences
@@ -78,7 +79,8 @@ def parity(
         state = _random_adapter(backends[0], seed)
         for backend in backends:
             backend.load_trainable_state(state)
-    report = compare_backends(backends[0], backends[1], batch, names, dtype)
+    with progress_callbacks() as callbacks:
+        report = compare_backends(backends[0], backends[1], batch, names, dtype, callbacks)
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     else:

@@ -54,7 +54,7 @@ def train(**values: Any) -> None:
 @handles_errors
 def _run(values: dict[str, Any]) -> None:
     from tabpo.backends import get_backend
-    from tabpo.cli.ui import RichCallbacks
+    from tabpo.cli.ui import progress_callbacks
     from tabpo.training.loop import check
     from tabpo.training.loop import train as run_training
 
@@ -72,7 +72,7 @@ def _run(values: dict[str, Any]) -> None:
     backend = get_backend(c.backend)
     console.print(f"tabpo train: {c.loss} on {c.model} with the {backend.name} backend "
                   f"({c.finetune}, {c.dtype}) -> {c.output}")  # fmt: skip
-    with RichCallbacks() as callbacks:
+    with progress_callbacks() as callbacks:
         run = run_training(c, backend, callbacks, plan)
     if run.state.step < run.state.total_steps:  # stopped by Ctrl-C: saved, and said so once
         raise typer.Exit(INTERRUPTED)

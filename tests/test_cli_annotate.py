@@ -72,6 +72,7 @@ def test_eval_with_an_adapter_matches_the_trained_model(backend, model_dir, reco
     result = run("eval", "--model", model_dir, "--adapter", tmp_path / "out", "--data", records,
                  "--backend", backend, "--max-new-tokens", 10, "--out", report)  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert any(line.startswith("decoding: 4/4 (100%)") for line in result.stderr.splitlines())
     got = [json.loads(x)["prediction"] for x in
            report.with_suffix(".predictions.jsonl").read_text().splitlines()]  # fmt: skip
     assert got == want

@@ -208,13 +208,13 @@ def _loop(run: Run, reporters: list[Reporter]) -> None:
     while s.step < s.total_steps:
         record = run.step()
         speed.add(int(record.pop("_tokens")))
+        run.callbacks.advance("train")
         if s.step % c.logging_steps == 0 or s.step == s.total_steps:
             record = {"step": s.step, "epoch": round(s.epoch + s.epoch_step / max(
                 run.steps_per_epoch, 1), 4), **record, **speed.read(),
                 **memory(run.backend)}  # fmt: skip
             log.write(record)
             run.callbacks.log(record)
-        run.callbacks.advance("train")
         if run.eval and c.eval_steps and s.step % c.eval_steps == 0 and s.step < s.total_steps:
             _log_eval(run, log)
         if c.save_steps and s.step % c.save_steps == 0 and s.step < s.total_steps:

@@ -16,6 +16,7 @@ import numpy as np
 from tabpo import losses
 from tabpo.data.batching import PairBatch
 from tabpo.training.backend import Backend
+from tabpo.training.run import Callbacks
 
 # float32: log-probs, losses and metrics to 1e-5; gradients to 3e-5 (MLX's own float32
 # gradients are up to 1.6e-5 from float64 on small random models, torch's 4e-6).
@@ -80,9 +81,12 @@ class Report:
 
 def compare_backends(
     torch_backend: Backend, mlx_backend: Backend, batch: PairBatch, loss_names: list[str],
-    dtype: str,
+    dtype: str, callbacks: Callbacks | None = None,
 ) -> Report:  # fmt: skip
-    """Both backends are loaded on the same weights; compare everything on ``batch``."""
+    """Both backends are loaded on the same weights; compare everything on ``batch``
+    (``callbacks``: a "parity" phase, one step for the log-probs and one per loss)."""
+    callbacks = callbacks or Callbacks()
+    callbacks.phase("parity", 1 + len(loss_names))
     report = Report(dtype)
     pair = {"torch": torch_backend, "mlx": mlx_backend}
     for reference in (False, True):
@@ -90,6 +94,7 @@ def compare_backends(
         for side, i in (("chosen", 0), ("rejected", 1)):
             name = f"{'reference' if reference else 'policy'} log-probs ({side})"
             report.compare(name, got["torch"][i], got["mlx"][i], "logps")
+    callbacks.advance("parity")
     for name in loss_names:
         objective = losses.get(name).bind()
         results = {}
@@ -109,4 +114,5 @@ def compare_backends(
         report.compare(f"{name}: gradients ({len(gt)} tensors)", flat[0], flat[1], "grad")
         for backend in pair.values():
             backend.zero_grad()
+        callbacks.advance("parity")
     return report
