@@ -47,6 +47,17 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device) -> nn.Mo
     return model.to(device)
 
 
+def checkpoint_layers(model: nn.Module) -> None:
+    """transformers' own checkpointing of every decoder layer, non-reentrant (the frozen
+    embeddings of LoRA then need no input gradients); transformers 5 names it activation
+    checkpointing, earlier versions gradient checkpointing."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 # How each attention implementation takes the forked layout's (R, 1, L, L) mask: sdpa a
 # boolean one (True = attend, 1 byte per entry), eager an additive one; the others
 # (flash-attention, flex, paged) take no arbitrary mask, so the layout cannot fork there.

@@ -56,10 +56,8 @@ class TorchBackend:
         dtype = loading.TORCH_DTYPES[options.dtype]
         self.device = loading.pick_device(options.device)
         model = loading.load_causal_lm(options.path, dtype, self.device)
-        if options.gradient_checkpointing:  # transformers' own, per decoder layer
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+        if options.gradient_checkpointing:
+            loading.checkpoint_layers(model)
         self.lora = rules.source(options) == rules.ADAPTER_OFF
         self.prefix_sharing, self.mask_kind = loading.fork_mask_kind(model, options.prefix_sharing)
         self.optimizer = None
