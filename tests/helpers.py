@@ -153,3 +153,19 @@ def head_chunk_rows(monkeypatch, model_dir, rows: int) -> None:
 
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     monkeypatch.setattr(layout, "LOGITS_PER_CHUNK", rows * vocab)
+
+
+def adam_close(a, b, *, lr, steps, what, tol=1e-5):
+    """Weights after AdamW steps from gradients that agree to float32 precision: AdamW moves
+    a weight by about lr * m / sqrt(v) whatever the gradient's size, so where a gradient is
+    at the level of float32 noise its move is noise too (up to lr a step). All weights but
+    a handful (2, or 0.1% of a large tensor) agree to ``tol``; none moved apart by more
+    than lr per step."""
+    import numpy as np
+
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    off = int((diff > tol).sum())
+    assert off <= max(2, diff.size // 1000) and diff.max() <= lr * steps, (
+        f"{what}: {off} of {diff.size} weights differ by more than {tol}, the most by "
+        f"{diff.max():.3g} (lr {lr} x {steps} steps)"
+    )

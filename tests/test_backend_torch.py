@@ -336,7 +336,9 @@ def test_gradients_match_float64_autograd(tiny_model, batch, tmp_path, monkeypat
         p.grad.numpy()
         for n, p in oracle.named_parameters() if p.requires_grad
     }  # fmt: skip
-    states_close(backend.gradients(), want, f"{loss} gradient vs float64 autograd", rel=1e-5)
+    # float32 accumulation through the backward: up to ~1.1e-5 of a small tensor's own scale
+    # (k_proj's B on this batch), so 2e-5 per tensor
+    states_close(backend.gradients(), want, f"{loss} gradient vs float64 autograd", rel=2e-5)
 
 
 def oracle_kl(peft_model, batch):

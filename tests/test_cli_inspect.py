@@ -38,7 +38,8 @@ def run(*args):
 def test_json_shows_tokens_ids_mask_weights(model_dir, data_file):
     """Pair 0 swaps the Sub-code "build trust" -> "connection": the tokens of that value are
     Sub-code values (1.2) and differ (x 1.2) = 1.44; the Code value tokens are 1.1; the
-    template's "<|im_end|>\n" after the answer is supervised (mask 1, weight 1); prompt
+    completion ends at the end-of-turn token "<|im_end|>" (mask 1, weight 1), where
+    generation stops: the newline the template writes after it is not trained on; prompt
     tokens have mask 0 and weight 0."""
     result = run("--model", model_dir, "--data", data_file, "--json")
     assert result.exit_code == 0, result.output
@@ -49,8 +50,8 @@ def test_json_shows_tokens_ids_mask_weights(model_dir, data_file):
         assert len(view["tokens"]) == len(view["ids"]) == len(view["mask"]) == len(view["weights"])
         assert view["mask"][:n] == [0] * n and set(view["mask"][n:]) == {1}
         assert view["weights"][:n] == [0.0] * n
-        assert "".join(view["tokens"][n:]) == answer + "<|im_end|>\n"
-        assert view["tokens"][-2:] == ["<|im_end|>", "\n"] and view["weights"][-2:] == [1.0, 1.0]
+        assert "".join(view["tokens"][n:]) == answer + "<|im_end|>"
+        assert view["tokens"][-1] == "<|im_end|>" and view["weights"][-1] == 1.0
 
     def weights_over(view, value):
         """(weight, differs) of every completion token overlapping `value`'s characters."""

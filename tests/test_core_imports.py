@@ -38,3 +38,11 @@ def test_cli_help_loads_no_backend():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_python_dash_m_tabpo_is_the_cli(tmp_path):
+    """`python -m tabpo` (what torchrun -m and mlx.launch start) is the tabpo command."""
+    out = subprocess.run([sys.executable, "-m", "tabpo", "--version"], capture_output=True,
+                         text=True, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith("tabpo ")

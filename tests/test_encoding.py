@@ -63,14 +63,16 @@ def test_gold_pieces(chatml_tokenizer):
 
 
 def test_completion_is_answer_and_end_of_turn(chatml_tokenizer):
-    """prompt ids = tok(PROMPT_TEXT); completion = tok(GOLD + "<|im_end|>\\n"), and
-    prompt + completion = tok(PROMPT_TEXT + GOLD + "<|im_end|>\\n") (the prefix property)."""
+    """prompt ids = tok(PROMPT_TEXT); completion = tok(GOLD + "<|im_end|>"): the answer and the
+    end-of-turn token, where generation stops (the newline the template writes after it is
+    not trained on); prompt + completion = tok(PROMPT_TEXT + GOLD + "<|im_end|>") (the
+    prefix property)."""
     tok = chatml_tokenizer
     (pair,), stats = encode_pairs(tok, [example()])
     assert pair.prompt_ids == ids_of(tok, PROMPT_TEXT)
-    assert pair.chosen_ids == ids_of(tok, GOLD + "<|im_end|>\n")
-    assert pair.prompt_ids + pair.chosen_ids == ids_of(tok, PROMPT_TEXT + GOLD + "<|im_end|>\n")
-    assert pair.chosen_ids[-2] == tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
+    assert pair.chosen_ids == ids_of(tok, GOLD + "<|im_end|>")
+    assert pair.prompt_ids + pair.chosen_ids == ids_of(tok, PROMPT_TEXT + GOLD + "<|im_end|>")
+    assert pair.chosen_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
     assert stats == EncodeStats(encoded=1)
     assert (pair.index, pair.line) == (0, 1)
 
@@ -78,12 +80,11 @@ def test_completion_is_answer_and_end_of_turn(chatml_tokenizer):
 def test_weights_of_swapped_sub_code(chatml_tokenizer):
     """build trust -> connection (edit alignment): build and ' trust' are Sub-code (1.2) and
     differ (x 1.2) -> 1.44, and so are connect and ion; PartnershipPatient is Code -> 1.1, the
-    Span tokens I ' trust' ' your' ' judgement' -> 1.1; keys, quotes, <|im_end|> and the
-    newline -> 1.0."""
+    Span tokens I ' trust' ' your' ' judgement' -> 1.1; keys, quotes and <|im_end|> -> 1.0."""
     tok = chatml_tokenizer
     (pair,), _ = encode_pairs(tok, [example()])
     want = {"build": 1.44, "PartnershipPatient": 1.1, "I": 1.1, " judgement": 1.1, " your": 1.1}
-    want |= {'{"': 1.0, "Code": 1.0, "Sub": 1.0, '"}]}': 1.0, "<|im_end|>": 1.0, "\n": 1.0}
+    want |= {'{"': 1.0, "Code": 1.0, "Sub": 1.0, '"}]}': 1.0, "<|im_end|>": 1.0}
     chosen = pieces(tok, pair.chosen_ids)
     for piece, w in want.items():
         assert pair.chosen_weights[chosen.index(piece)] == pytest.approx(w), piece
@@ -134,16 +135,16 @@ def test_batch_masks_line_up_with_ids(chatml_tokenizer):
             assert list(np.flatnonzero(attention)) == list(range(end))
             np.testing.assert_allclose(weights[start:end], getattr(pair, f"{side}_weights"))
             assert (weights[:start] == 0).all() and (weights[end:] == 0).all()
-            assert mask[0] == 0 and mask[end - 2] == 1  # <|im_end|> is supervised
-            assert ids[end - 2] == tok.eos_token_id
+            assert mask[0] == 0 and mask[end - 1] == 1  # <|im_end|> is supervised, last
+            assert ids[end - 1] == tok.eos_token_id
 
 
 def test_prompt_is_truncated_from_the_left(chatml_tokenizer):
-    """Both completions are 29 tokens here; max_length 29 + 3 leaves the last 3 prompt tokens
+    """Both completions are 28 tokens here; max_length 28 + 3 leaves the last 3 prompt tokens
     (``<|im_start|>`` ``assistant`` ``\\n``)."""
     tok = chatml_tokenizer
-    c = len(ids_of(tok, GOLD + "<|im_end|>\n"))
-    assert c == len(ids_of(tok, SWAPPED + "<|im_end|>\n")) == 29
+    c = len(ids_of(tok, GOLD + "<|im_end|>"))
+    assert c == len(ids_of(tok, SWAPPED + "<|im_end|>")) == 28
     (pair,), stats = encode_pairs(tok, [example()], max_length=c + 3)
     assert pair.prompt_ids == ids_of(tok, PROMPT_TEXT)[-3:]
     assert pieces(tok, pair.prompt_ids) == ["<|im_start|>", "assistant", "\n"]
@@ -153,18 +154,18 @@ def test_prompt_is_truncated_from_the_left(chatml_tokenizer):
 
 
 def test_too_long_completions_are_skipped(chatml_tokenizer):
-    """The longer completion of example 0 is 29 tokens: max_length 29 leaves no prompt token,
-    so it is skipped; example 1 (``{}`` answers, 2-3 tokens + 2) stays. max_length 30 keeps
+    """The longer completion of example 0 is 28 tokens: max_length 28 leaves no prompt token,
+    so it is skipped; example 1 (``{}`` answers, 2-3 tokens + 1) stays. max_length 29 keeps
     both, with a one-token prompt for example 0."""
     tok = chatml_tokenizer
     examples = [example(), example(chosen="{}", rejected='{"a"}', line=2)]
-    pairs, stats = encode_pairs(tok, examples, max_length=29)
+    pairs, stats = encode_pairs(tok, examples, max_length=28)
     assert [p.index for p in pairs] == [1]
     assert (stats.encoded, stats.skipped_too_long) == (1, 1)
-    pairs, stats = encode_pairs(tok, examples, max_length=30)
+    pairs, stats = encode_pairs(tok, examples, max_length=29)
     assert len(pairs[0].prompt_ids) == 1 and stats.skipped_too_long == 0
-    with pytest.raises(DataError, match="max_length=29"):
-        encode_pairs(tok, examples[:1], max_length=29)
+    with pytest.raises(DataError, match="max_length=28"):
+        encode_pairs(tok, examples[:1], max_length=28)
 
 
 def test_identical_token_ids_are_skipped():
@@ -202,7 +203,7 @@ def test_prefix_mismatch_is_counted():
     (pair,), stats = encode_pairs(tok, [example(chosen=answer)])
     assert stats.prefix_mismatches == 1
     assert pair.prompt_ids == ids_of(tok, PROMPT_TEXT)
-    assert pair.chosen_ids == ids_of(tok, answer + "<|im_end|>\n")
+    assert pair.chosen_ids == ids_of(tok, answer + "<|im_end|>")
     assert pair.chosen_weights[pieces(tok, pair.chosen_ids).index("build")] == pytest.approx(1.44)
 
 

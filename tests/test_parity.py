@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import TINY_FAMILIES, build_tiny_model, write_pairs
+from helpers import TINY_FAMILIES, adam_close, build_tiny_model, write_pairs
 
 from tabpo import losses
 from tabpo.backends import get_backend
@@ -153,7 +153,11 @@ def test_weights_after_one_adamw_step_agree(family_dir, batch):
     t.forward_backward(batch, objective, None, 1.0)
     m.forward_backward(batch, objective, None, 1.0)
     close(t.optimizer_step(1e-2, 1.0), m.optimizer_step(1e-2, 1.0), "grad norm")
-    close_tree(t.trainable_state(), m.trainable_state(), "LoRA after one AdamW step")
+    after_t, after_m = t.trainable_state(), m.trainable_state()
+    for key in after_t:  # AdamW's step is ~lr * sign(g): noise where g is float32 noise
+        adam_close(after_t[key], after_m[key], lr=1e-2, steps=1, what=f"after AdamW {key}")
+    flat = [np.concatenate([np.ravel(s[k]) for k in sorted(s)]) for s in (after_t, after_m)]
+    close(flat[0], flat[1], "LoRA after one AdamW step (all parameters)", rel=GRAD_REL)
 
 
 def test_full_finetuning_gradients_agree(family_dir, batch):

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import build_tiny_model, write_pairs
+from helpers import adam_close, build_tiny_model, write_pairs
 
 from tabpo.backends import get_backend
 from tabpo.common.errors import TabpoError
@@ -149,7 +149,7 @@ def test_accumulation_equals_one_big_batch(backend, model_dir, data, tmp_path):
     for losses, state in results[1:]:
         close(losses, base_losses, 1e-6, f"{backend} accumulated losses")
         for k in base_state:
-            close(state[k], base_state[k], 1e-5, f"{backend} weights {k}")
+            adam_close(state[k], base_state[k], lr=1e-2, steps=3, what=f"{backend} weights {k}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

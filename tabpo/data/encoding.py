@@ -16,6 +16,7 @@ Batching into right-padded arrays lives in tabpo.data.batching.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,31 @@ def _encode_example(
         done = [_plain(tokenizer, a) for a in answers]
     if not prompt_ids:
         raise DataError("the prompt encodes to no tokens", line=example.line, field="prompt")
+    stops = set(stop_ids(tokenizer))
+    done = [_end_of_turn(c, stops) for c in done]
     return prompt_ids, done[0], done[1] if len(done) > 1 else None
+
+
+def _end_of_turn(completion: _Completion, stops: set[int]) -> _Completion:
+    """The completion up to its last end-of-turn token: what the template writes after it
+    (a newline) is never generated, since generation stops there, so it is not trained on."""
+    ends = [i for i, token in enumerate(completion.ids) if token in stops]
+    if not ends or ends[-1] == len(completion.ids) - 1:
+        return completion
+    keep = ends[-1] + 1
+    return dataclasses.replace(completion, ids=completion.ids[:keep],
+                               offsets=completion.offsets[:keep])  # fmt: skip
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """EOS and the chat template's end-of-turn tokens that the tokenizer knows: where
+    generation stops, and so where a supervised completion ends."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], *, line: int | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tabpo.data.encoding import render
+from tabpo.data.encoding import render, stop_ids
 from tabpo.data.records import Message
 from tabpo.training.backend import Backend
 
@@ -18,16 +18,6 @@ def prompt_ids(tokenizer: Any, prompt: list[Message]) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     text = "\n\n".join(m["content"] for m in prompt)
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
-def stop_ids(tokenizer: Any) -> list[int]:
-    """EOS and the chat template's end-of-turn tokens that the tokenizer knows."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
-    return ids
 
 
 def generate(
