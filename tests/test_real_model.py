@@ -1,0 +1,117 @@
+"""The real SmolLM2-135M-Instruct, offline: what a tiny random model cannot show.
+
+A vocabulary of 49,152 and real, peaky logits expose what 400-word random models hide, such
+as MLX's float32 reductions on the CPU, which accumulate sequentially and so err in
+proportion to the vocabulary (the normalisation was biased by 2.4e-4 nats per token here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import write_pairs
+
+from tabpo.backends import get_backend
+from tabpo.data.batching import collate
+from tabpo.data.encoding import encode_pairs, load_tokenizer, pad_id
+from tabpo.data.records import read_preferences
+from tabpo.models.families import inspect_model_dir
+from tabpo.training.backend import ModelOptions
+
+torch = pytest.importorskip("torch")
+mx = pytest.importorskip("mlx.core")
+pytestmark = pytest.mark.real_model
+
+
+def log_softmax64(logits) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def pair(smollm2, tmp_path_factory):
+    """One annotation pair of the chat-templated kind the benchmark uses."""
+    tokenizer = load_tokenizer(smollm2)
+    data = write_pairs(tmp_path_factory.mktemp("d") / "pairs.jsonl", 1)
+    pairs, _ = encode_pairs(tokenizer, read_preferences(data)[0])
+    return collate(pairs, pad_id(tokenizer))
+
+
+def completion(batch, token_logps: np.ndarray) -> np.ndarray:
+    """Per-token log-probs (L,) of the sequence's tokens 1.. as the chosen completion's."""
+    full = np.zeros(batch.chosen_ids.shape[1])
+    full[1 : len(token_logps) + 1] = token_logps
+    return full[batch.chosen_mask[0] > 0]
+
+
+def forward_logps(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """log pi(ids[t] | ids[:t]) for t >= 1 from (L, V) logits, normalised in float64."""
+    return log_softmax64(logits)[np.arange(len(ids) - 1), ids[1:]]
+
+
+def test_the_fixture_is_the_real_model(smollm2):
+    info = inspect_model_dir(smollm2)
+    config = info.config
+    assert (info.family, info.num_layers, config["vocab_size"], config["hidden_size"]) == (
+        "llama", 30, 49152, 576)  # fmt: skip
+    assert info.tie_word_embeddings and info.rope_theta == 100000.0
+    backend = get_backend("torch")
+    backend.load(ModelOptions(str(smollm2), finetune="full", keep_reference=False))
+    tokenizer = load_tokenizer(smollm2)
+    from tabpo.training.generation import generate
+
+    answer = generate(backend, tokenizer, [[{"role": "user",
+                                             "content": "What is the capital of France?"}]],
+                      max_new_tokens=16)  # fmt: skip
+    assert answer == ["The capital of France is Paris."]
+
+
+def test_completion_logps_against_a_float64_oracle(smollm2, pair):
+    """Each backend's float32 completion log-probs are within 2x of its own library's plain
+    forward normalised in float64, both measured against a float64 forward of the model."""
+    from transformers import AutoModelForCausalLM
+
+    n = int(pair.chosen_attention_mask[0].sum())
+    ids = pair.chosen_ids[0][:n]
+    model64 = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float64).eval()
+    with torch.no_grad():
+        oracle = completion(pair, forward_logps(model64(torch.tensor(ids)[None]).logits[0], ids))
+        plain = {"torch": AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)}
+        plain_torch = plain["torch"](torch.tensor(ids)[None]).logits[0].numpy()
+    from mlx_lm.utils import load
+
+    mlx_model, _ = load(str(smollm2), model_config=inspect_model_dir(smollm2).mlx_overrides())
+    mlx_model.set_dtype(mx.float32)
+    plain_mlx = np.array(mlx_model(mx.array(ids[None].astype(np.int32)))[0])
+    library = {"torch": completion(pair, forward_logps(plain_torch, ids)),
+               "mlx": completion(pair, forward_logps(plain_mlx, ids))}  # fmt: skip
+    assert len(oracle) >= 20, "a completion of some length"
+    for name in ("torch", "mlx"):
+        backend = get_backend(name)
+        backend.load(ModelOptions(str(smollm2), finetune="full", keep_reference=False))
+        ours = backend.logps(pair)[0][0][pair.chosen_mask[0] > 0]
+        err, floor = np.abs(ours - oracle).max(), np.abs(library[name] - oracle).max()
+        bias = abs(float((ours - oracle).sum()))
+        assert err <= 2 * floor, (
+            f"{name}: max per-token error {err:.2e} against float64, its library's own "
+            f"float32 forward {floor:.2e}; sequence sum off by {bias:.2e}"
+        )
+
+
+@pytest.mark.parametrize("vocab", [49152, 151936])
+def test_mlx_vocabulary_normalisation_does_not_drift_with_its_size(vocab):
+    """On random logits (std 3) the two-stage logsumexp stays within 1e-5 of float64 where
+    a single sequential one drifts low by 6e-5 (49k) to 3e-4 (152k)."""
+    from tabpo.backends._mlx_logps import vocab_logsumexp, vocab_sum
+
+    z = np.random.default_rng(0).normal(0.0, 3.0, (8, vocab)).astype(np.float32)
+    want = np.log(np.exp(z.astype(np.float64)).sum(-1))
+    got = np.array(vocab_logsumexp(mx.array(z)))[:, 0]
+    assert np.abs(got - want).max() < 1e-5, (
+        f"two-stage logsumexp off by {np.abs(got - want).max():.2e}"
+    )
+    p = np.exp(z - z.max(-1, keepdims=True)).astype(np.float32)
+    want_sum = p.astype(np.float64).sum(-1)
+    got_sum = np.array(vocab_sum(mx.array(p)))
+    assert np.abs(got_sum / want_sum - 1).max() < 1e-5
