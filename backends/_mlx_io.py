@@ -28,6 +28,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 MODEL_WEIGHTS = "model.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
 RNG_STATE = "rng_state.json"
+MASTER_WEIGHTS = "master_weights.safetensors"
 _METADATA = {"format": "mlx"}
 
 
@@ -92,6 +93,20 @@ def load_optimizer(optimizer: optim.Optimizer, directory: Path) -> None:
         raise TabpoError(f"{directory}: no {OPTIMIZER_STATE} (was save_state called there?)")
     with reading(file, "the optimizer state"):
         optimizer.state = tree_unflatten(list(mx.load(str(file)).items()))
+
+
+def save_master(master: Any, directory: Path) -> None:
+    """The float32 master weights of half-precision training, exactly."""
+    state = dict(tree_flatten(master))
+    mx.save_safetensors(str(directory / MASTER_WEIGHTS), state, metadata=_METADATA)
+
+
+def load_master(directory: Path) -> list[tuple[str, mx.array]] | None:
+    file = directory / MASTER_WEIGHTS
+    if not file.is_file():
+        return None
+    with reading(file, "the float32 master weights"):
+        return list(mx.load(str(file)).items())
 
 
 def save_rng(directory: Path) -> None:

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from tabpo.backends import _mlx_io as io
 from tabpo.backends._mlx_logps import Forward, as_mx, completion_rows, token_logps
@@ -58,6 +58,7 @@ class MlxBackend:
         self._reference_model: nn.Module | None = None  # full fine-tuning only
         self._optimizer: optim.AdamW | None = None
         self._grads: Any = None  # float32 tree of summed micro-batch gradients
+        self._master: Any = None  # float32 copies of half-precision trained weights
         self.prefix_sharing = "auto"  # tabpo.data.layout.SHARING
 
     # -- model ---------------------------------------------------------------------------
@@ -193,6 +194,11 @@ class MlxBackend:
             weight_decay=settings.weight_decay,
             bias_correction=True,
         )
+        # half-precision trained weights: AdamW updates float32 master copies (an update
+        # smaller than half a bf16 step would round away), the model gets them rounded
+        trained = self._policy.trainable_parameters()
+        half = any(p.dtype != mx.float32 for _, p in tree_flatten(trained))
+        self._master = tree_map(lambda p: p.astype(mx.float32), trained) if half else None
 
     def _require_optimizer(self) -> optim.AdamW:
         if self._optimizer is None:
@@ -208,11 +214,17 @@ class MlxBackend:
             grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
         else:
             norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
-        # the update keeps each parameter's dtype only if the gradient has it too
-        grads = tree_map(lambda g, p: g.astype(p.dtype), grads, model.trainable_parameters())
         optimizer.learning_rate = learning_rate
-        optimizer.update(model, grads)
+        if self._master is not None:
+            self._master = optimizer.apply_gradients(grads, self._master)
+            model.update(tree_map(lambda m, p: m.astype(p.dtype), self._master,
+                                  model.trainable_parameters()))  # fmt: skip
+        else:  # the update keeps each parameter's dtype only if the gradient has it too
+            grads = tree_map(lambda g, p: g.astype(p.dtype), grads, model.trainable_parameters())
+            optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, norm)
+        if self._master is not None:
+            mx.eval(self._master)
         self._grads = None
         return float(norm.item())
 
@@ -229,11 +241,16 @@ class MlxBackend:
         return canonical(grads)
 
     def trainable_state(self) -> dict[str, np.ndarray]:
-        return canonical(self._policy.trainable_parameters())
+        """The trained weights, float32: the master copies where there are any."""
+        trained = self._master if self._master is not None else self._policy.trainable_parameters()
+        return canonical(trained)
 
     def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
         self._policy.update(from_canonical(self._policy, state))
         mx.eval(self._policy.parameters())
+        if self._master is not None:
+            self._master = tree_map(lambda p: p.astype(mx.float32),
+                                    from_canonical(self._policy, state))  # fmt: skip
 
     def save_weights(self, directory: Path) -> None:
         directory = Path(directory)
@@ -245,6 +262,8 @@ class MlxBackend:
 
     def save_state(self, directory: Path) -> None:
         io.save_optimizer(self._require_optimizer(), Path(directory))
+        if self._master is not None:  # the weights file holds them rounded: keep them exact
+            io.save_master(self._master, Path(directory))
         io.save_rng(Path(directory))
 
     def load_state(self, directory: Path) -> None:
@@ -255,6 +274,10 @@ class MlxBackend:
         weights = io.read_weights(self._policy, directory, lora=lora)
         self._policy.update(tree_unflatten(weights))
         mx.eval(self._policy.parameters())
+        if self._master is not None:  # the model's own tree, so it matches its gradients
+            saved = dict(io.load_master(directory) or weights)
+            self._master = tree_map_with_path(lambda name, p: saved[name].astype(mx.float32),
+                                              self._policy.trainable_parameters())  # fmt: skip
         io.load_optimizer(optimizer, directory)
         io.load_rng(directory)
         self._grads = None

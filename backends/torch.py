@@ -33,6 +33,7 @@ from tabpo.training.backend import ModelOptions, OptimizerSettings, RefLogps, St
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
+MASTER_FILE = "master_weights.pt"
 
 
 class TorchBackend:
@@ -45,6 +46,9 @@ class TorchBackend:
         self.reference: nn.Module | None = None  # full fine-tuning only
         self.tokenizer: Any = None  # full fine-tuning only, saved with the weights
         self.optimizer: torch.optim.Optimizer | None = None
+        # float32 copies of half-precision trained weights, which AdamW updates (None: the
+        # trained weights are float32 themselves, as LoRA factors always are under peft)
+        self.master: dict[str, Tensor] | None = None
         self.device = torch.device("cpu")
         self.lora = True
         self.prefix_sharing = "auto"
@@ -55,12 +59,17 @@ class TorchBackend:
     def load(self, options: ModelOptions) -> None:
         dtype = loading.TORCH_DTYPES[options.dtype]
         self.device = loading.pick_device(options.device)
+        if options.dtype == "float16" and options.finetune == "full" and self.device.type == "cuda":
+            raise TabpoError(
+                "float16 full fine-tuning on CUDA needs loss scaling, which tabpo does not do "
+                "(its gradients underflow): use --dtype bfloat16 or float32"
+            )
         model = loading.load_causal_lm(options.path, dtype, self.device)
         if options.gradient_checkpointing:
             loading.checkpoint_layers(model)
         self.lora = rules.source(options) == rules.ADAPTER_OFF
         self.prefix_sharing, self.mask_kind = loading.fork_mask_kind(model, options.prefix_sharing)
-        self.optimizer = None
+        self.optimizer, self.master = None, None
         self.reference = self.tokenizer = None
         if self.lora:
             self.model = loading.wrap_lora(model, options.lora)
@@ -174,8 +183,14 @@ class TorchBackend:
     # -- optimizer -------------------------------------------------------------------------
 
     def setup_optimizer(self, settings: OptimizerSettings) -> None:
+        """AdamW over the trained weights, or over float32 master copies of them when they
+        are half precision: an update smaller than half a bf16 step would round away."""
+        trained = self._params()
+        self.master = None
+        if any(p.dtype != torch.float32 for p in trained.values()):
+            self.master = {n: p.detach().float().clone() for n, p in trained.items()}
         self.optimizer = torch.optim.AdamW(
-            list(self._params().values()),
+            list((self.master or trained).values()),
             lr=0.0,
             betas=settings.betas,
             eps=settings.eps,
@@ -185,7 +200,13 @@ class TorchBackend:
     def optimizer_step(self, learning_rate: float, max_grad_norm: float | None) -> float:
         if self.optimizer is None:
             raise TabpoError("no optimizer: call setup_optimizer() first")
-        trained = list(self._params().values())
+        params_ = self._params()
+        if self.master is not None:  # the gradients move to the float32 copies
+            for name, master in self.master.items():
+                grad = params_[name].grad
+                master.grad = None if grad is None else grad.float()
+                params_[name].grad = None
+        trained = list((self.master or params_).values())
         norm = _grad_norm(trained)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
@@ -193,6 +214,10 @@ class TorchBackend:
             group["lr"] = learning_rate
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master is not None:
+            with torch.no_grad():
+                for name, master in self.master.items():
+                    params_[name].copy_(master)  # rounded to the model's dtype
         return norm
 
     # -- parameters ------------------------------------------------------------------------
@@ -209,11 +234,14 @@ class TorchBackend:
         }
 
     def trainable_state(self) -> dict[str, np.ndarray]:
-        return {name: params.to_numpy(p) for name, p in self._params().items()}
+        """The trained weights, float32: the master copies where there are any."""
+        return {name: params.to_numpy(p) for name, p in (self.master or self._params()).items()}
 
     def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
         tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
         params.assign(self._params(), tensors, where="load_trainable_state")
+        if self.master is not None:
+            params.assign(self.master, tensors, where="load_trainable_state")
 
     # -- files -----------------------------------------------------------------------------
 
@@ -229,6 +257,8 @@ class TorchBackend:
         directory.mkdir(parents=True, exist_ok=True)
         if self.optimizer is not None:
             torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        if self.master is not None:  # the weights file holds them rounded: keep them exact
+            torch.save(self.master, directory / MASTER_FILE)
         torch.save(params.rng_state(), directory / RNG_FILE)
 
     def load_state(self, directory: Path) -> None:
@@ -236,6 +266,11 @@ class TorchBackend:
         current = self._params()
         saved = params.saved_weights(directory, current, lora=self.lora)
         params.assign(current, saved, where=str(directory))
+        if self.master is not None:
+            if (directory / MASTER_FILE).is_file():
+                with reading(directory / MASTER_FILE, "the float32 master weights"):
+                    saved = torch.load(directory / MASTER_FILE, weights_only=True)
+            params.assign(self.master, saved, where=str(directory))
         if (directory / OPTIMIZER_FILE).is_file():
             if self.optimizer is None:
                 raise TabpoError("call setup_optimizer() before load_state() to resume it")

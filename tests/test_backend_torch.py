@@ -555,3 +555,11 @@ def test_no_accelerator_peak_on_the_cpu(tiny_model):
     """On the CPU the process's resident set is the memory figure (the core's), not
     an allocator's."""
     assert make(tiny_model()).peak_accelerator_memory_gb() is None
+
+
+def test_float16_full_finetuning_on_cuda_is_refused_before_loading(tiny_model, monkeypatch):
+    from tabpo.backends import _torch_load
+
+    monkeypatch.setattr(_torch_load, "pick_device", lambda requested: torch.device("cuda"))
+    with pytest.raises(TabpoError, match="float16 full fine-tuning on CUDA needs loss scaling"):
+        make(tiny_model(), finetune="full", dtype="float16")

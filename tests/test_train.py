@@ -340,3 +340,48 @@ def test_gradient_checkpointing_gives_the_same_gradients(backend, finetune, mode
         assert flags == [checkpointing] * len(layers), flags
     for name in grads[0]:
         close(grads[1][name].ravel(), grads[0][name].ravel(), 1e-6, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_full_finetuning_moves_the_weights_like_float32(backend, model_dir, data, tmp_path):
+    """20 steps at lr 2e-5: each AdamW step is smaller than half a bf16 step of these
+    weights, so updating bf16 weights directly leaves them where they were. With float32
+    master weights the bf16 run moves them as the float32 run does (the same direction and
+    size, to within what bf16 forward passes change)."""
+    from tabpo.training.backend import ModelOptions, OptimizerSettings
+
+    moved = {}
+    for dtype in ("float32", "bfloat16"):
+        start = get_backend(backend)
+        start.load(ModelOptions(str(model_dir), dtype=dtype, finetune="full", keep_reference=False))
+        start.setup_optimizer(OptimizerSettings())
+        before = start.trainable_state()
+        c = config(model_dir, data, tmp_path / dtype, backend=backend, dtype=dtype,
+                   finetune="full", loss="sft", max_steps=20, learning_rate=2e-5,
+                   warmup_ratio=0.0, lr_scheduler="constant")  # fmt: skip
+        after = train(c, get_backend(backend)).backend.trainable_state()
+        moved[dtype] = np.concatenate([(after[k] - before[k]).ravel() for k in sorted(before)])
+    full, half = moved["float32"], moved["bfloat16"]
+    size = np.linalg.norm(full)
+    assert size > 0, "the float32 run did not move"
+    gap = np.linalg.norm(half - full) / size
+    assert gap < 0.3 and np.linalg.norm(half) > 0.7 * size, (
+        f"{backend}: bf16 moved the weights {np.linalg.norm(half) / size:.2f}x as far as "
+        f"float32, {gap:.2f} apart"
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_finetuning_resumes_exactly(backend, dtype, model_dir, data, tmp_path):
+    """Full fine-tuning, stopped and resumed, continues the straight run exactly; in bf16
+    the float32 master weights are saved with the checkpoint (the weights file holds them
+    rounded to bf16)."""
+    common = {"backend": backend, "dtype": dtype, "finetune": "full", "loss": "sft",
+              "max_steps": 4, "learning_rate": 1e-3}  # fmt: skip
+    train(config(model_dir, data, tmp_path / "a", **common), get_backend(backend))
+    first = config(model_dir, data, tmp_path / "b", **common)
+    train(first, get_backend(backend), StopAt(2))
+    out = tmp_path / "b" / "out"
+    train(cfg.build({}, {**first.to_dict(), "resume": str(out)}), get_backend(backend))
+    close(losses_of(out), losses_of(tmp_path / "a" / "out"), 1e-6, f"{backend} {dtype} resume")
