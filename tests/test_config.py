@@ -112,7 +112,7 @@ def test_mlx_lm_names_that_map_cleanly(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("bf16: true\n", r"c.yaml:1: option 'bf16' is not supported: mixed precision"),
+        ("bf16: true\n", r"c.yaml:1: option 'bf16' is not supported: there is no autocast"),
         ("num_layers: 8\n", r"c.yaml:1: option 'num_layers' is not supported: .*every layer"),
         ("max_prompt_length: 128\n", "prompts are cut from the left"),
         ("learnig_rate: 1e-5\n", r"c.yaml:1: unknown option 'learnig_rate' \(did you mean "

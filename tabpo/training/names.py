@@ -54,8 +54,10 @@ _WEIGHTS = "tabpo loads the model itself: use dtype and device"
 _STEPS = "tabpo counts steps: use eval_steps, save_steps and logging_steps"
 _ADAM = "the optimizer is AdamW with torch's default betas and eps (weight_decay is an option)"
 UNSUPPORTED = {
-    "bf16": "mixed precision is not supported; dtype: bfloat16 loads the weights in bf16",
-    "fp16": "mixed precision is not supported; dtype: float16 loads the weights in float16",
+    "bf16": "there is no autocast; dtype: bfloat16 runs bf16 weights (float32 masters when "
+    "fully fine-tuned)",
+    "fp16": "there is no autocast; dtype: float16 runs float16 weights (float32 masters when "
+    "fully fine-tuned)",
     "max_prompt_length": "prompts are cut from the left to fit max_length",
     "max_completion_length": "completions are never cut; a pair that does not fit is skipped",
     "truncation_mode": "prompts are cut from the left to fit max_length",
