@@ -16,7 +16,7 @@ from torch import nn
 
 from tabpo.common.errors import TabpoError, reading
 from tabpo.data.encoding import load_tokenizer
-from tabpo.models.families import inspect_model_dir
+from tabpo.models.families import FAMILIES, inspect_model_dir
 from tabpo.training import reference
 from tabpo.training.backend import LoraSettings, ModelOptions
 
@@ -44,6 +44,10 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device) -> nn.Mo
     inspect_model_dir(path)
     with reading(path, "a causal LM from it"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    family = getattr(model.config, "model_type", None)
+    if family not in FAMILIES:  # a hub id is only inspected now that it is downloaded
+        raise TabpoError(f"{path}: model_type {family!r} is not supported "
+                         f"(supported: {', '.join(FAMILIES)})")  # fmt: skip
     return model.to(device)
 
 

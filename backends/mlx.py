@@ -38,6 +38,7 @@ from tabpo.common.errors import TabpoError
 from tabpo.data.batching import PairBatch, split_rows
 from tabpo.losses import Objective
 from tabpo.models.families import ModelInfo
+from tabpo.training import probe
 from tabpo.training import reference as rules
 from tabpo.training.backend import ModelOptions, OptimizerSettings, RefLogps, StepResult
 
@@ -67,6 +68,7 @@ class MlxBackend:
         self.info = resolve(options.path)
         self.prefix_sharing = options.prefix_sharing
         self.model, self.tokenizer = load_model(self.info, options.dtype)
+        self._probe(self.model, options)
         if options.gradient_checkpointing:
             checkpoint_layers(self.model)
         self._reference_model, self._grads = None, None
@@ -81,6 +83,18 @@ class MlxBackend:
             self._reference_model = self._frozen(resolve(options.ref_path), options.dtype)
         elif where == rules.INITIAL_COPY:
             self._reference_model = self._frozen(self.info, options.dtype)
+
+    @staticmethod
+    def _probe(model: nn.Module, options: ModelOptions) -> None:
+        """tabpo's log-prob path against mlx-lm's own forward (``tabpo.training.probe``),
+        before any adapter: the same function, or the model is refused."""
+        batch = probe.probe_batch(model.args.vocab_size)
+        fwd = Forward(batch, "off")
+        model.eval()
+        ours = to_numpy(token_logps(model, fwd.hidden(model), fwd)[0])[0, 1:]
+        logits = to_numpy(model(fwd.ids)[0])
+        theirs = probe.library_logps(logits, batch.chosen_ids[0])
+        probe.check_same_function(ours, theirs, path=options.path, dtype=options.dtype)
 
     def _frozen(self, info: ModelInfo, dtype: str) -> nn.Module:
         model, _ = load_model(info, dtype)

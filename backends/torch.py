@@ -28,6 +28,7 @@ from tabpo.backends._torch_logps import (
 from tabpo.common.errors import TabpoError, reading
 from tabpo.data.batching import PairBatch
 from tabpo.losses import Objective
+from tabpo.training import probe
 from tabpo.training import reference as rules
 from tabpo.training.backend import ModelOptions, OptimizerSettings, RefLogps, StepResult
 
@@ -71,12 +72,27 @@ class TorchBackend:
         self.prefix_sharing, self.mask_kind = loading.fork_mask_kind(model, options.prefix_sharing)
         self.optimizer, self.master = None, None
         self.reference = self.tokenizer = None
+        self._probe(model, options)
         if self.lora:
             self.model = loading.wrap_lora(model, options.lora)
         else:
             self.model = model.requires_grad_(True)
             self.reference = loading.full_reference(options, model, dtype, self.device)
             self.tokenizer = loading.tokenizer_for(options.path)
+
+    def _probe(self, model: nn.Module, options: ModelOptions) -> None:
+        """tabpo's log-prob path against the model's own forward (``tabpo.training.probe``),
+        before any adapter: the same function, or the model is refused."""
+        head = model.get_output_embeddings()
+        batch = probe.probe_batch(head.weight.shape[0])
+        inputs = DeviceBatch(batch, self.device, "off")
+        with torch.no_grad(), _mode(model, training=False):
+            ours = inputs.sides(token_logps(completion_hidden(model, inputs), head, inputs.target))
+            ids = torch.from_numpy(batch.chosen_ids).to(self.device)
+            logits = model(input_ids=ids, use_cache=False).logits[0].float().cpu().numpy()
+        theirs = probe.library_logps(logits, batch.chosen_ids[0])
+        ours = params.to_numpy(ours[0])[0, 1:]
+        probe.check_same_function(ours, theirs, path=options.path, dtype=options.dtype)
 
     @property
     def _net(self) -> nn.Module:

@@ -38,6 +38,15 @@ class ModelInfo:
     config: dict[str, Any]
     is_local: bool = True
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention window of a config that uses one (mistral's ``sliding_window``;
+        qwen's when ``use_sliding_window``), else None. mlx-lm ignores it."""
+        window = self.config.get("sliding_window")
+        if not window or (self.family != "mistral" and not self.config.get("use_sliding_window")):
+            return None
+        return int(window)
+
     def mlx_overrides(self) -> dict[str, Any]:
         """Config keys mlx-lm must be given explicitly to build the same function."""
         out: dict[str, Any] = {

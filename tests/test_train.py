@@ -7,6 +7,7 @@ across batch shapes is asserted (dropout masks depend on the shapes), kept on fo
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -385,3 +386,65 @@ def test_full_finetuning_resumes_exactly(backend, dtype, model_dir, data, tmp_pa
     out = tmp_path / "b" / "out"
     train(cfg.build({}, {**first.to_dict(), "resume": str(out)}), get_backend(backend))
     close(losses_of(out), losses_of(tmp_path / "a" / "out"), 1e-6, f"{backend} {dtype} resume")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_model_whose_own_forward_does_more_is_refused(backend, model_dir, monkeypatch):
+    """A model whose forward adds something to the logits (as Gemma-2's soft-capping does)
+    would be trained as another function by tabpo's decoder-plus-head path: the load-time
+    probe finds the difference and refuses it in one line."""
+    from tabpo.training.backend import ModelOptions
+
+    if backend == "torch":
+        from tabpo.backends import _torch_load
+
+        real = _torch_load.load_causal_lm
+
+        def load(*args):
+            model = real(*args)
+            forward = model.forward
+
+            def biased(*a, **k):
+                out = forward(*a, **k)
+                out.logits[..., 0] += 5.0
+                return out
+
+            model.forward = biased
+            return model
+
+        monkeypatch.setattr(_torch_load, "load_causal_lm", load)
+    else:
+        import mlx.core as mx
+
+        from tabpo.backends import mlx as mlx_backend
+
+        real = mlx_backend.load_model
+
+        def load(*args):
+            model, tokenizer = real(*args)
+            base = type(model)
+            bias = mx.zeros((model.args.vocab_size,)).at[0].add(5.0)
+            model.__class__ = type(
+                "Biased",
+                (base,),
+                {"__call__": lambda self, *a, **k: base.__call__(self, *a, **k) + bias},
+            )
+            return model, tokenizer
+
+        monkeypatch.setattr(mlx_backend, "load_model", load)
+    with pytest.raises(TabpoError, match="tabpo's forward and the model's own differ by"):
+        get_backend(backend).load(ModelOptions(str(model_dir)))
+
+
+def test_a_sliding_window_shorter_than_max_length_is_refused(tiny_model, data, tmp_path):
+    from tabpo.training.loop import check
+
+    model = tmp_path / "windowed"
+    shutil.copytree(tiny_model("qwen2"), model)
+    config_file = model / "config.json"
+    window = {"use_sliding_window": True, "sliding_window": 64}
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **window}))
+    c = config(model, data, tmp_path, max_length=1024)
+    with pytest.raises(TabpoError, match="window of 64 tokens, shorter than --max-length 1024"):
+        check(c)
+    check(config(model, data, tmp_path, max_length=64))  # within the window: both agree

@@ -59,9 +59,15 @@ def check(c: cfg.TrainConfig) -> Plan:
     cfg.validate(c)
     check_reporters(c.reporters())
     output, resumed, checkpoint = prepare_output(c)
-    inspect_model_dir(c.model or "")
-    if c.ref_model:
-        inspect_model_dir(c.ref_model)
+    for path in filter(None, (c.model, c.ref_model)):
+        window = inspect_model_dir(path).sliding_window
+        if window is not None and window < c.max_length:
+            raise TabpoError(
+                f"{path}: sliding-window attention with a window of {window} tokens, shorter "
+                f"than --max-length {c.max_length}: mlx-lm ignores the window (and so does "
+                f"the shared-prefix forward), so the stacks would train different functions; "
+                f"use --max-length {window} or less"
+            )
     train_examples = read_examples(c.data or "", c)
     eval_examples = read_examples(c.eval_data, c) if c.eval_data else None
     return Plan(output, resumed, checkpoint, train_examples, eval_examples)
