@@ -1,8 +1,9 @@
 """Pair encoding with a tiny ChatML tokenizer built in tests/helpers.py (nothing downloaded).
 
 The tokenizer renders a message as ``<|im_start|>role\\ncontent<|im_end|>\\n`` and the
-generation prompt as ``<|im_start|>assistant\\n``, so for an answer A the completion text is
-``A<|im_end|>\\n``: the answer tokens, the end-of-turn token and a newline token.
+generation prompt as ``<|im_start|>assistant\\n``, so for an answer A the completion is
+``A<|im_end|>``: the answer tokens and the end-of-turn token, where generation stops (the
+newline the template writes after it is not trained on).
 GOLD tokenizes to ... ``' "'`` ``build`` ``' trust'`` ``'",'`` ... ``' "'`` ``I`` ``' trust'``
 ``' your'`` ``' judgement'`` ``'"}]}'`` (checked in test_gold_pieces), "connection" to
 ``connect`` ``ion``.

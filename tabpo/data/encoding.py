@@ -26,6 +26,7 @@ import numpy as np
 
 from tabpo.common.errors import DataError, TabpoError, read_json, reading
 from tabpo.data.records import PreferenceExample
+from tabpo.data.templates import render, stop_ids
 from tabpo.losses.weights import (
     ALIGNMENTS,
     DEFAULT_FIELD_WEIGHTS,
@@ -190,31 +191,6 @@ def _end_of_turn(completion: _Completion, stops: set[int]) -> _Completion:
     keep = ends[-1] + 1
     return dataclasses.replace(completion, ids=completion.ids[:keep],
                                offsets=completion.offsets[:keep])  # fmt: skip
-
-
-def stop_ids(tokenizer: Any) -> list[int]:
-    """EOS and the chat template's end-of-turn tokens that the tokenizer knows: where
-    generation stops, and so where a supervised completion ends."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
-    return ids
-
-
-def render(tokenizer: Any, messages: list[dict[str, str]], *, line: int | None = None,
-           **options: Any) -> str:  # fmt: skip
-    """The tokenizer's chat template applied to ``messages`` (text). A template that fails
-    (its syntax, or a role or message it refuses) is one DataError naming the template
-    and, when given, the data line."""
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
-    except Exception as exc:  # jinja2's errors, or whatever the template raises itself
-        source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"the chat template of {source} failed: {type(exc).__name__}: "
-                        f"{first}", line=line) from None  # fmt: skip
 
 
 def _templated(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tabpo.data.encoding import render, stop_ids
 from tabpo.data.records import Message
+from tabpo.data.templates import render, stop_ids
 from tabpo.training.backend import Backend
 
 
