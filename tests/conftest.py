@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import build_chatml_tokenizer, build_smollm2, build_tiny_model
+from helpers import build_chatml_tokenizer, build_tiny_model
+
+from benchmarks.fixture import build_smollm2
 
 
 @pytest.fixture(scope="session")

