@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tabpo.common.errors import TabpoError
+from tabpo.common.files import write_text
 
 
 def combine(parts: Iterable[tuple[float, dict[str, float]]]) -> dict[str, float]:
@@ -82,9 +83,7 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines(keepends=True)
                 if _step_of(line) <= step]  # fmt: skip
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(kept))
 
 
 def _step_of(line: str) -> float:
@@ -108,13 +107,15 @@ class Reporter(Protocol):
     def close(self) -> None: ...
 
 
-OUTPUTS = {"tensorboard": "runs", "wandb": "wandb"}  # what each writes in the output dir
+# --report-to name -> (the package it needs, what it writes in the output directory)
+LOGGERS = {"tensorboard": ("tensorboardX", "runs"), "wandb": ("wandb", "wandb")}
+OUTPUTS = {name: written for name, (_, written) in LOGGERS.items()}
 
 
 def check_reporters(names: list[str]) -> None:
     """A one-line error now, before any model loads, for a logger that is not installed."""
     for name in names:
-        module = {"tensorboard": "tensorboardX", "wandb": "wandb"}[name]
+        module = LOGGERS[name][0]
         if importlib.util.find_spec(module) is None:
             raise TabpoError(f"--report-to {name} needs the {module} package: pip install {module}")
 
