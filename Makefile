@@ -6,7 +6,7 @@ VENV ?= .venv
 # macOS, chosen by the markers of the `mlx` extra in pyproject.toml.
 TORCH_PIN := $(if $(filter Linux,$(shell uname -s)),torch==2.13.0,)
 
-.PHONY: test lint setup demo bench
+.PHONY: test lint setup demo bench openblas
 
 setup: $(VENV)/.installed
 
@@ -16,8 +16,18 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_PIN) -e '.[torch,mlx,demo,dev]'
 	touch $@
 
-test: setup
+test: setup openblas
 	$(VENV)/bin/pytest
+
+# Linux: MLX's CPU wheel bundles the reference BLAS (~70x slower matmuls than OpenBLAS); the
+# real-model parity test runs MLX with Debian's OpenBLAS preloaded, installed here if missing.
+OPENBLAS := /usr/lib/x86_64-linux-gnu/libblas.so.3
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+openblas:
+	@if [ "$$(uname -s)" = Linux ] && [ ! -e $(OPENBLAS) ]; then \
+		$(SUDO) apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libopenblas0-pthread; }; \
+	fi
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from tabpo.backends._mlx_model import widened
 from tabpo.common.errors import TabpoError
 from tabpo.data.batching import PairBatch
 from tabpo.data.layout import Targets, fork_mask, head_chunks, layout, place
@@ -43,7 +44,7 @@ def lm_head(model: nn.Module, h: mx.array) -> mx.array:
 def _log_softmax(model: nn.Module, rows: mx.array) -> mx.array:
     """float32 log-probs over the vocabulary (K, V); the matmul stays in the model's dtype,
     as transformers does, and the normalisation is done in float32 by ``vocab_logsumexp``."""
-    logits = lm_head(model, rows).astype(mx.float32)
+    logits = widened(lm_head(model, rows))
     return logits - vocab_logsumexp(logits)
 
 

@@ -30,7 +30,10 @@ from tabpo.common.errors import TabpoError, reading
 from tabpo.models.families import ModelInfo, inspect_model_dir, tensor_names, weight_files
 from tabpo.training.backend import LoraSettings, check_state
 
-MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+MX_DTYPES = {
+    "float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16,
+    "float64": mx.float64,  # parity's reference computation (CPU only)
+}  # fmt: skip
 _TO_CANONICAL = {"lora_a": "lora_A", "lora_b": "lora_B"}
 
 
@@ -143,12 +146,18 @@ def adapter_off(model: nn.Module) -> Iterator[None]:
 
 
 def to_numpy(x: mx.array) -> np.ndarray:
-    """float32 NumPy (bf16 has no NumPy dtype)."""
-    return np.array(x.astype(mx.float32))
+    """float32 NumPy (bf16 has no NumPy dtype; float64 stays float64)."""
+    return np.array(widened(x))
+
+
+def widened(x: mx.array) -> mx.array:
+    """``x`` in float32, or float64 if it is float64 (parity's reference computation)."""
+    return x if x.dtype == mx.float64 else x.astype(mx.float32)
 
 
 def canonical(tree: Any) -> dict[str, np.ndarray]:
-    """A tree of trainable arrays (parameters or gradients) under canonical names, float32."""
+    """A tree of trainable arrays (parameters or gradients) under canonical names, float32
+    (float64 in a float64 model)."""
     out = {}
     for name, x in tree_flatten(tree):
         stem, leaf = name.rsplit(".", 1)

@@ -20,7 +20,10 @@ from tabpo.models.families import FAMILIES, inspect_model_dir
 from tabpo.training import reference
 from tabpo.training.backend import LoraSettings, ModelOptions
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "float64": torch.float64,  # parity's reference computation (CPU)
+}  # fmt: skip
 
 
 def pick_device(requested: str | None) -> torch.device:

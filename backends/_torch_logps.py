@@ -95,10 +95,11 @@ def completion_hidden(causal_lm: nn.Module, inputs: DeviceBatch) -> Tensor:
 
 
 def token_logps(rows: Tensor, head: nn.Module, target_ids: Tensor) -> Tensor:
-    """``log pi(y_t) = z[y_t] - logsumexp(z)`` with z = head(h) in float32, shape (U,)."""
+    """``log pi(y_t) = z[y_t] - logsumexp(z)`` with z = head(h) in float32 (float64 in a
+    float64 model), shape (U,)."""
 
     def chunk(h: Tensor, target: Tensor) -> Tensor:
-        logits = head(h).float()  # (k, V)
+        logits = widened(head(h))  # (k, V)
         return logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
     return _by_chunks(chunk, _vocab(head), rows, target_ids)
@@ -115,9 +116,9 @@ def token_logps_and_kl(
     """
 
     def chunk(h: Tensor, h_ref: Tensor, target: Tensor) -> Tensor:
-        logp = head(h).float().log_softmax(-1)  # (k, V)
+        logp = widened(head(h)).log_softmax(-1)  # (k, V)
         with torch.no_grad():
-            ref_logp = ref_head(h_ref).float().log_softmax(-1)
+            ref_logp = widened(ref_head(h_ref)).log_softmax(-1)
         kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
         pick = target[:, None]
         return torch.stack([logp.gather(-1, pick)[:, 0], ref_logp.gather(-1, pick)[:, 0], kl])
@@ -141,6 +142,11 @@ def _by_chunks(fn: Callable[..., Tensor], vocab: int, *rows: Tensor) -> Tensor:
     if not parts:  # no completion token at all: keep the graph valid with an empty result
         return fn(*[r[:0] for r in rows])
     return torch.cat(parts, dim=-1)
+
+
+def widened(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it is float64 (parity's reference computation)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _vocab(head: nn.Module) -> int:

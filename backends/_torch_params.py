@@ -36,9 +36,11 @@ def trainable(model: nn.Module, *, lora: bool) -> dict[str, nn.Parameter]:
 
 
 def to_numpy(tensor: Tensor) -> np.ndarray:
-    """A float32 NumPy copy of any floating tensor (NumPy has no bfloat16); a copy, since
-    ``.numpy()`` of a CPU float32 tensor would share the memory the optimizer updates."""
-    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
+    """A float32 NumPy copy of any floating tensor (NumPy has no bfloat16; float64 stays
+    float64); a copy, since ``.numpy()`` of a CPU tensor would share the memory the
+    optimizer updates."""
+    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return tensor.detach().to(device="cpu", dtype=dtype, copy=True).numpy()
 
 
 def assign(params: dict[str, nn.Parameter], values: dict[str, Tensor], *, where: str) -> None:

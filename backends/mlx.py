@@ -33,6 +33,7 @@ from tabpo.backends._mlx_model import (
     load_model,
     resolve,
     to_numpy,
+    widened,
 )
 from tabpo.common.errors import TabpoError
 from tabpo.data.batching import PairBatch, split_rows
@@ -40,7 +41,15 @@ from tabpo.losses import Objective
 from tabpo.models.families import ModelInfo
 from tabpo.training import probe
 from tabpo.training import reference as rules
-from tabpo.training.backend import ModelOptions, OptimizerSettings, RefLogps, StepResult
+from tabpo.training.backend import (
+    FLOAT64,
+    ModelOptions,
+    ObjectiveGradient,
+    OptimizerSettings,
+    RefLogps,
+    StepResult,
+    TokenValues,
+)
 
 # Reference log-probs (chosen, rejected) and, for KL losses, (reference model, its rows).
 _RefInputs = tuple[tuple[mx.array, mx.array] | None, tuple[nn.Module, mx.array] | None]
@@ -67,6 +76,8 @@ class MlxBackend:
     def load(self, options: ModelOptions) -> None:
         self.info = resolve(options.path)
         self.prefix_sharing = options.prefix_sharing
+        if options.dtype == FLOAT64:  # parity's reference computation: only the CPU has it
+            mx.set_default_device(mx.cpu)
         self.model, self.tokenizer = load_model(self.info, options.dtype)
         self._probe(self.model, options)
         if options.gradient_checkpointing:
@@ -75,6 +86,8 @@ class MlxBackend:
         where = rules.source(options)
         if where == rules.ADAPTER_OFF:
             self.lora_parameters = apply_lora(self.model, options.lora)
+            if options.dtype == FLOAT64:  # the factors too (otherwise float32, as in peft)
+                self.model.set_dtype(mx.float64)
             return
         self.lora_parameters = None
         self.model.unfreeze()
@@ -186,7 +199,7 @@ class MlxBackend:
         self._policy.train()  # LoRA dropout on
         f = self._loss_fn(batch, objective, ref, scale)
         (_, (loss, per_pair, metrics)), grads = nn.value_and_grad(self._policy, f)()
-        grads = tree_map(lambda g: g.astype(mx.float32), grads)
+        grads = tree_map(widened, grads)
         self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
         mx.eval(self._grads)
         return self._result(batch, loss, per_pair, metrics)
@@ -195,6 +208,41 @@ class MlxBackend:
         self._policy.eval()
         _, (loss, per_pair, metrics) = self._loss_fn(batch, objective, ref, 1.0)()
         return self._result(batch, loss, per_pair, metrics)
+
+    def logps_and_kl(self, batch: PairBatch) -> TokenValues:
+        fwd = Forward(batch, self.prefix_sharing)
+        reference, rows, ref_logps = self._reference_forward(fwd)
+        model = self._policy
+        model.eval()
+        logps, kl = token_logps(model, fwd.hidden(model), fwd, (reference, rows))
+        assert kl is not None
+        pairs = [split_rows(x, batch.size) for x in (logps, ref_logps, kl)]
+        assert all(r is not None for _, r in pairs), "a KL is compared on pairs"
+        policy, ref, kls = ((to_numpy(c), to_numpy(r)) for c, r in pairs)
+        return TokenValues(policy, ref, kls)
+
+    def objective_gradient(
+        self, objective: Objective, batch: PairBatch, values: TokenValues, dtype: str
+    ) -> ObjectiveGradient:
+        wide = mx.float64 if dtype == FLOAT64 else mx.float32
+
+        def array(x: np.ndarray | None) -> mx.array | None:  # (mx.array(x) alone: float32)
+            return None if x is None else mx.array(np.asarray(x), dtype=wide)
+
+        ref = values.reference or (None, None)
+        fixed = [array(x) for x in (*ref, batch.chosen_mask, batch.rejected_mask,
+                                    batch.chosen_weights, batch.rejected_weights)]  # fmt: skip
+
+        def f(leaves: list[mx.array]) -> tuple[mx.array, dict[str, mx.array]]:
+            pc, pr, *kl = leaves
+            per_pair, metrics = objective(pc, pr, *fixed, *kl)
+            return mx.mean(per_pair), metrics
+
+        leaves = [array(x) for x in (*values.policy, *(values.kl or ()))]
+        (loss, metrics), grads = mx.value_and_grad(f)(leaves)
+        g = [to_numpy(x) for x in grads]
+        return ObjectiveGradient(loss.item(), {k: float(v.item()) for k, v in metrics.items()},
+                                 (g[0], g[1]), (g[2], g[3]) if values.kl else None)  # fmt: skip
 
     # -- optimizer -----------------------------------------------------------------------
 
@@ -211,7 +259,7 @@ class MlxBackend:
         # half-precision trained weights: AdamW updates float32 master copies (an update
         # smaller than half a bf16 step would round away), the model gets them rounded
         trained = self._policy.trainable_parameters()
-        half = any(p.dtype != mx.float32 for _, p in tree_flatten(trained))
+        half = any(p.dtype in (mx.bfloat16, mx.float16) for _, p in tree_flatten(trained))
         self._master = tree_map(lambda p: p.astype(mx.float32), trained) if half else None
 
     def _require_optimizer(self) -> optim.AdamW:

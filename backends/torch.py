@@ -30,7 +30,14 @@ from tabpo.data.batching import PairBatch
 from tabpo.losses import Objective
 from tabpo.training import probe
 from tabpo.training import reference as rules
-from tabpo.training.backend import ModelOptions, OptimizerSettings, RefLogps, StepResult
+from tabpo.training.backend import (
+    ModelOptions,
+    ObjectiveGradient,
+    OptimizerSettings,
+    RefLogps,
+    StepResult,
+    TokenValues,
+)
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
@@ -60,6 +67,8 @@ class TorchBackend:
     def load(self, options: ModelOptions) -> None:
         dtype = loading.TORCH_DTYPES[options.dtype]
         self.device = loading.pick_device(options.device)
+        if dtype == torch.float64 and self.device.type == "mps":  # MPS has no float64
+            self.device = torch.device("cpu")
         if options.dtype == "float16" and options.finetune == "full" and self.device.type == "cuda":
             raise TabpoError(
                 "float16 full fine-tuning on CUDA needs loss scaling, which tabpo does not do "
@@ -196,6 +205,42 @@ class TorchBackend:
         with torch.no_grad(), _mode(self._net, training=False):
             return self._step(batch, objective, ref)[0]
 
+    def logps_and_kl(self, batch: PairBatch) -> TokenValues:
+        inputs = DeviceBatch(batch, self.device, self.prefix_sharing, self.mask_kind)
+        with torch.no_grad(), _mode(self._net, training=False):
+            ref_rows, ref_head = self._reference_rows(inputs)
+            rows, head = completion_hidden(self._lm, inputs), self._lm.get_output_embeddings()
+            values = token_logps_and_kl(rows, ref_rows, head, ref_head, inputs.target)
+        pairs = [inputs.sides(v) for v in values]
+        assert all(r is not None for _, r in pairs), "a KL is compared on pairs"
+        policy, reference, kl = ((params.to_numpy(c), params.to_numpy(r)) for c, r in pairs)
+        return TokenValues(policy, reference, kl)
+
+    def objective_gradient(
+        self, objective: Objective, batch: PairBatch, values: TokenValues, dtype: str
+    ) -> ObjectiveGradient:
+        wide = torch.float64 if dtype == "float64" else torch.float32
+
+        def tensor(x: np.ndarray | None, grad: bool = False) -> Tensor | None:
+            return None if x is None else torch.tensor(x, dtype=wide, requires_grad=grad)
+
+        leaves = [tensor(x, grad=True) for x in (*values.policy, *(values.kl or ()))]
+        pc, pr, *kl = leaves
+        ref = values.reference or (None, None)
+        per_pair, metrics = objective(
+            pc, pr, tensor(ref[0]), tensor(ref[1]),
+            tensor(batch.chosen_mask), tensor(batch.rejected_mask),
+            tensor(batch.chosen_weights), tensor(batch.rejected_weights), *kl,
+        )  # fmt: skip
+        loss = per_pair.mean()
+        loss.backward()
+        grads = [np.zeros(x.shape) if x.grad is None else params.to_numpy(x.grad)
+                 for x in leaves if x is not None]  # fmt: skip
+        return ObjectiveGradient(
+            loss.item(), {k: float(v.detach()) for k, v in metrics.items()},
+            (grads[0], grads[1]), (grads[2], grads[3]) if kl else None,
+        )  # fmt: skip
+
     # -- optimizer -------------------------------------------------------------------------
 
     def setup_optimizer(self, settings: OptimizerSettings) -> None:
@@ -203,7 +248,7 @@ class TorchBackend:
         are half precision: an update smaller than half a bf16 step would round away."""
         trained = self._params()
         self.master = None
-        if any(p.dtype != torch.float32 for p in trained.values()):
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in trained.values()):
             self.master = {n: p.detach().float().clone() for n, p in trained.items()}
         self.optimizer = torch.optim.AdamW(
             list((self.master or trained).values()),

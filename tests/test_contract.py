@@ -27,7 +27,7 @@ BATCH = collate([pair(0, [5, 6, 7], [8, 9], [8, 4, 4]), pair(1, [5], [1, 2, 3], 
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"dtype": "float64"}, "--dtype must be one of float32, bfloat16, float16"),
+        ({"dtype": "int8"}, "--dtype must be one of float32, bfloat16, float16, float64"),
         ({"finetune": "qlora"}, "--finetune must be one of lora, full"),
         ({"prefix_sharing": "always"}, "--prefix-sharing must be one of auto, on, off"),
         ({"ref_path": "ref"}, "--ref-model is for full fine-tuning"),

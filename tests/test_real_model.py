@@ -157,3 +157,34 @@ def test_a_short_lora_run_lowers_the_loss(smollm2, tmp_path):
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     evals = [json.loads(x)["eval_loss"] for x in lines if "eval_loss" in x]
     assert evals[-1] < evals[0], evals
+
+
+def test_parity_passes_on_the_real_model(smollm2, tmp_path):
+    """`tabpo parity` on SmolLM2 (one benchmark pair, TAB-PO and DPO): every row within
+    rounding, in a process of its own so that, on Linux, MLX runs on the system OpenBLAS
+    (its bundled CPU BLAS is ~70x slower: the suite's time)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.bench import OPENBLAS
+
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    if platform.system() == "Linux":
+        assert Path(OPENBLAS).exists(), (
+            f"{OPENBLAS} is missing: install Debian's libopenblas0-pthread (.ci/run does)"
+        )
+        env["LD_PRELOAD"] = OPENBLAS
+    argv = [sys.executable, "-m", "tabpo", "parity", "--model", str(smollm2), "--pairs", "1",
+            "--loss", "tabpo", "--loss", "dpo", "--json"]  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads(done.stdout)
+    checks = {c["quantity"]: c for c in doc["checks"]}
+    assert doc["pass"] and set(doc["seconds"]) == {"torch float32", "mlx float32",
+                                                   "torch float64", "mlx float64"}  # fmt: skip
+    logps = checks["policy log-probs (chosen)"]
+    assert logps["torch"] < -10 and 1e-7 < logps["torch_error"] < 1e-3, logps
+    assert "sum c l: gradient (420 tensors)" in checks and "tabpo: dL/dlog-probs" in checks

@@ -36,7 +36,8 @@ def like(x: Array, ref: Array) -> Array:
     """``x`` as an array of ``ref``'s namespace, device and floating dtype."""
     xp = namespace(ref)
     if _is_mlx(ref):
-        return xp.array(x).astype(ref.dtype) if not _is_mlx(x) else x.astype(ref.dtype)
+        # mx.array(x) alone makes float64 input float32: name the dtype
+        return x.astype(ref.dtype) if _is_mlx(x) else xp.array(x, dtype=ref.dtype)
     if namespace(x) is xp:
         return xp.astype(x, ref.dtype) if x.dtype != ref.dtype else x
     return xp.asarray(x, dtype=ref.dtype, device=array_api_compat.device(ref))

@@ -32,6 +32,9 @@ from tabpo.losses.xp import to_float
 from tabpo.models.families import LORA_TARGETS
 
 DTYPES = ("float32", "bfloat16", "float16")
+# float64: not for training; the reference computation ``tabpo parity`` measures rounding
+# against (on the CPU)
+FLOAT64 = "float64"
 FINETUNE_MODES = ("lora", "full")
 
 
@@ -41,11 +44,12 @@ def check_choice(option: str, value: Any, choices: Sequence[str]) -> None:
 
 
 def check_model_options(
-    *, dtype: str, finetune: str, prefix_sharing: str, ref_path: str | None
-) -> None:
+    *, dtype: str, finetune: str, prefix_sharing: str, ref_path: str | None,
+    dtypes: Sequence[str] = DTYPES,
+) -> None:  # fmt: skip
     """The model options' values and their one contradiction, checked before any model loads
     (``ModelOptions`` and the training configuration both call this)."""
-    check_choice("--dtype", dtype, DTYPES)
+    check_choice("--dtype", dtype, dtypes)
     check_choice("--finetune", finetune, FINETUNE_MODES)
     check_choice("--prefix-sharing", prefix_sharing, SHARING)
     if ref_path and finetune == "lora":
@@ -114,7 +118,7 @@ class ModelOptions:
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward
 
     def __post_init__(self) -> None:
-        check_model_options(dtype=self.dtype, finetune=self.finetune,
+        check_model_options(dtype=self.dtype, finetune=self.finetune, dtypes=(*DTYPES, FLOAT64),
                             prefix_sharing=self.prefix_sharing, ref_path=self.ref_path)  # fmt: skip
 
 
@@ -150,6 +154,29 @@ class StepResult:
 RefLogps = tuple[np.ndarray, np.ndarray]  # precomputed reference (B, T) chosen, rejected
 
 
+@dataclass(frozen=True)
+class TokenValues:
+    """An objective's per-token inputs as NumPy, each a (chosen, rejected) pair of (B, T)
+    arrays: the policy's log-probs, the reference's (None: not needed) and the per-token
+    KL to the reference (None: no KL term)."""
+
+    policy: RefLogps
+    reference: RefLogps | None = None
+    kl: RefLogps | None = None
+
+
+@dataclass(frozen=True)
+class ObjectiveGradient:
+    """An objective at given ``TokenValues``: its loss (mean over pairs), its metrics, and
+    its gradient with respect to the policy's per-token log-probs and to the KL (None
+    without a KL term), each (chosen, rejected) of (B, T)."""
+
+    loss: float
+    metrics: dict[str, float]
+    policy: RefLogps
+    kl: RefLogps | None
+
+
 class Backend(Protocol):
     name: str
 
@@ -170,6 +197,18 @@ class Backend(Protocol):
 
     def evaluate(self, batch: PairBatch, objective: Objective, ref: RefLogps | None) -> StepResult:
         """The same without gradients, in evaluation mode (no dropout)."""
+
+    def logps_and_kl(self, batch: PairBatch) -> TokenValues:
+        """Policy and reference log-probs and the per-token ``KL(pi_ref || pi_theta)``, each
+        (B, T) of chosen and rejected, from the forward a loss with a KL term runs, 0 off
+        the completion mask, no gradient (``tabpo parity``)."""
+
+    def objective_gradient(
+        self, objective: Objective, batch: PairBatch, values: TokenValues, dtype: str
+    ) -> ObjectiveGradient:
+        """The loss math alone, without the model: ``objective`` at ``values`` with the
+        masks and weights of ``batch``, in the library's float32 (``dtype`` "float64":
+        float64) arrays, and its gradient (``tabpo parity``)."""
 
     def setup_optimizer(self, settings: OptimizerSettings) -> None: ...
 

@@ -16,7 +16,7 @@ from tabpo.common.errors import TabpoError
 from tabpo.data.batching import PairBatch
 
 PROBE_LENGTH = 16
-TOLERANCE = {"float32": 1e-3, "bfloat16": 0.15, "float16": 0.05}  # nats per token
+TOLERANCE = {"float32": 1e-3, "bfloat16": 0.15, "float16": 0.05, "float64": 1e-3}  # nats/token
 
 
 def probe_ids(vocab: int) -> np.ndarray:
