@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tabpo.backends import _torch_dist as distributed
 from tabpo.backends import _torch_load as loading
 from tabpo.backends import _torch_params as params
 from tabpo.backends._torch_logps import (
@@ -31,6 +32,7 @@ from tabpo.losses import Objective
 from tabpo.training import probe
 from tabpo.training import reference as rules
 from tabpo.training.backend import ModelOptions, OptimizerSettings, RefLogps, StepResult
+from tabpo.training.parallel import Parallel
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
@@ -54,12 +56,20 @@ class TorchBackend:
         self.lora = True
         self.prefix_sharing = "auto"
         self.mask_kind: str | None = "bool"  # how the attention takes a fork mask
+        self.par: Parallel | None = None  # torchrun's process group once joined
+
+    def parallel(self) -> Parallel:
+        if self.par is None:
+            self.par = distributed.from_environment()
+        return self.par
 
     # -- loading ---------------------------------------------------------------------------
 
     def load(self, options: ModelOptions) -> None:
         dtype = loading.TORCH_DTYPES[options.dtype]
         self.device = loading.pick_device(options.device)
+        if self.parallel().world_size > 1 and self.device.type == "cuda":
+            self.device = distributed.local_device() or self.device  # this rank's GPU
         if options.dtype == "float16" and options.finetune == "full" and self.device.type == "cuda":
             raise TabpoError(
                 "float16 full fine-tuning on CUDA needs loss scaling, which tabpo does not do "
@@ -223,6 +233,8 @@ class TorchBackend:
                 master.grad = None if grad is None else grad.float()
                 params_[name].grad = None
         trained = list((self.master or params_).values())
+        if isinstance(self.par, distributed.TorchGroup):
+            self.par.sum_gradients(trained)
         norm = _grad_norm(trained)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)

@@ -1,8 +1,9 @@
 """One training run's state and its optimizer step, evaluation and checkpoints.
 
-A step consumes ``batch_size * gradient_accumulation_steps`` pairs of a seeded per-epoch
-permutation, as micro-batches whose gradients are scaled by their share of the step's pairs,
-so k accumulated micro-batches of B equal one batch of kB.
+A step consumes ``batch_size * gradient_accumulation_steps * W`` pairs of a seeded per-epoch
+permutation (W processes, ``tabpo.training.parallel``), as micro-batches whose gradients are
+scaled by their share of the step's pairs, so k accumulated micro-batches of B equal one
+batch of kB, and W processes accumulating k each equal one accumulating kW.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tabpo.training import config as cfg
 from tabpo.training import refcache
 from tabpo.training.backend import Backend, StepResult
 from tabpo.training.checkpoint import FINAL, TrainerState, checkpoints, write_state
+from tabpo.training.parallel import Parallel, Single, gathered, mine
 from tabpo.training.schedule import learning_rate, warmup_steps
 from tabpo.training.tracking import combine
 
@@ -76,10 +78,12 @@ class Run:
     ref_train: refcache.RefTable | None = None
     ref_eval: refcache.RefTable | None = None
     state: TrainerState = field(default_factory=TrainerState)
+    par: Parallel = field(default_factory=Single)
 
     @property
     def per_step(self) -> int:
-        return self.c.batch_size * self.c.gradient_accumulation_steps
+        """Pairs per optimizer step, over all ranks (``--batch-size`` is per process)."""
+        return self.c.batch_size * self.c.gradient_accumulation_steps * self.par.world_size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -91,20 +95,24 @@ class Run:
         s = self.state
         chosen = step_pairs(len(self.train.pairs), self.per_step, self.c.seed, s.epoch,
                             s.epoch_step)  # fmt: skip
-        parts, tokens = [], 0
-        for start in range(0, len(chosen), self.c.batch_size):
-            micro = [self.train.pairs[i] for i in chosen[start : start + self.c.batch_size]]
+        size = self.c.batch_size
+        micros = [chosen[start : start + size] for start in range(0, len(chosen), size)]
+        parts: list[tuple[int, tuple[int, dict[str, float], int]]] = []
+        for m, indices in mine(micros, self.par):  # this rank's micro-batches
+            micro = [self.train.pairs[i] for i in indices]
             batch = collate(micro, self.pad)
             ref = self.ref_train.for_batch(batch) if self.ref_train else None
             result = self.backend.forward_backward(
                 batch, self.objective, ref, scale=len(micro) / len(chosen)
             )
             self.check_finite(result, batch)
-            parts.append((len(micro), {"loss": result.loss, **result.metrics}))
-            tokens += result.tokens
+            parts.append((m, (len(micro), {"loss": result.loss, **result.metrics},
+                              result.tokens)))  # fmt: skip
         lr = learning_rate(s.step, base=self.c.learning_rate, total=s.total_steps,
                            warmup=self.warmup, kind=self.c.lr_scheduler)  # fmt: skip
         grad_norm = self.backend.optimizer_step(lr, self.c.max_grad_norm)
+        every = gathered(self.par, parts)  # every rank's micro-batches, in step order
+        tokens = sum(t for _, _, t in every)
         if not math.isfinite(grad_norm):
             raise NonFiniteLoss(
                 f"step {s.step + 1}: the gradient norm is {grad_norm} although the loss is "
@@ -115,7 +123,7 @@ class Run:
         s.epoch_step += 1
         if s.epoch_step >= self.steps_per_epoch:
             s.epoch, s.epoch_step = s.epoch + 1, 0
-        metrics = combine(parts)
+        metrics = combine((n, m) for n, m, _ in every)
         return {"loss": metrics.pop("loss"), "grad_norm": grad_norm, "learning_rate": lr,
                 "num_tokens": s.num_tokens, **metrics, "_tokens": tokens}  # fmt: skip
 
@@ -141,19 +149,29 @@ class Run:
     def evaluate(self) -> dict[str, float]:
         assert self.eval is not None
         parts = []
-        self.callbacks.phase("eval", len(self.eval.pairs))
-        for batch in batches(self.eval.pairs, self.c.eval_batch_size, pad_id=self.pad):
+        share = mine(list(batches(self.eval.pairs, self.c.eval_batch_size, pad_id=self.pad)),
+                     self.par)  # fmt: skip
+        self.callbacks.phase("eval", sum(len(batch.indices) for _, batch in share))
+        for m, batch in share:
             ref = self.ref_eval.for_batch(batch) if self.ref_eval else None
             result = self.backend.evaluate(batch, self.objective, ref)
-            parts.append((len(batch.indices), {"loss": result.loss, **result.metrics}))
+            parts.append((m, (len(batch.indices), {"loss": result.loss, **result.metrics})))
             self.callbacks.advance("eval", len(batch.indices))
-        return {f"eval_{k}": v for k, v in combine(parts).items()}
+        return {f"eval_{k}": v for k, v in combine(gathered(self.par, parts)).items()}
 
     def checkpoint(self) -> Path:
-        """``checkpoint-<step>``: weights, optimizer and RNG state, trainer state and config,
-        written as one directory renamed into place; then at most ``save_total_limit``
-        checkpoints are kept (the oldest go)."""
+        """``checkpoint-<step>``, written by rank 0 (every rank holds the same weights and
+        optimizer state) while the others wait."""
         target = self.output / f"checkpoint-{self.state.step}"
+        if self.par.rank == 0:
+            self._write_checkpoint(target)
+        self.par.barrier()
+        return target
+
+    def _write_checkpoint(self, target: Path) -> None:
+        """Weights, optimizer and RNG state, trainer state and config, written as one
+        directory renamed into place; then at most ``save_total_limit`` checkpoints are kept
+        (the oldest go)."""
 
         def fill(tmp: Path) -> None:
             self.backend.save_weights(tmp)
@@ -168,9 +186,14 @@ class Run:
             for path in old:
                 remove(path)
             OutputDir(self.output).forget(*(p.name for p in old))
-        return target
 
     def publish_final(self) -> None:
+        """``_publish_final`` on rank 0 while the others wait."""
+        if self.par.rank == 0:
+            self._publish_final()
+        self.par.barrier()
+
+    def _publish_final(self) -> None:
         """The final weights in ``final/``, reached from the top of the output directory
         (one link per file, so the directory loads as its stack's adapter or model).
 
