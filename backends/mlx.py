@@ -280,6 +280,9 @@ class MlxBackend:
                                     from_canonical(self._policy, state))  # fmt: skip
 
     def save_weights(self, directory: Path) -> None:
+        """Rank 0 writes (every rank holds the same weights); the others write nothing."""
+        if self.parallel().rank != 0:
+            return
         directory = Path(directory)
         if self.lora_parameters is not None:
             io.save_adapter(self._policy, directory, self.lora_parameters)
@@ -288,6 +291,8 @@ class MlxBackend:
             io.save_model_dir(self._policy, self.info, self.tokenizer, directory)
 
     def save_state(self, directory: Path) -> None:
+        if self.parallel().rank != 0:
+            return
         io.save_optimizer(self._require_optimizer(), Path(directory))
         if self._master is not None:  # the weights file holds them rounded: keep them exact
             io.save_master(self._master, Path(directory))

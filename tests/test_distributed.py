@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,17 +172,28 @@ def test_reference_cache_is_written_once_and_keyed_without_the_world_size(traine
             assert diff <= 1e-6, f"reference cache {k}: differs by {diff:.3g}"
 
 
-def test_resume_needs_the_same_number_of_processes(files, tmp_path):
-    """Resumed on 2 from a 2-process checkpoint: the uninterrupted run's losses; a
-    1-process checkpoint resumed on 2 is refused in one line."""
-    run(files, tmp_path / "straight", 2, "torch", "lora", "--lr-scheduler", "constant")
-    run(files, tmp_path / "cut", 2, "torch", "lora", "--lr-scheduler", "constant",
-        "--max-steps", "2")  # fmt: skip
-    run(files, tmp_path / "cut", 2, "torch", "lora", "--lr-scheduler", "constant",
-        "--resume", str(tmp_path / "cut"))  # fmt: skip
-    compare(tmp_path / "straight", tmp_path / "cut", "resumed on 2")
-    run(files, tmp_path / "single", 1, "torch", "lora", "--max-steps", "2")
-    done = launch(2, "torch", ["--resume", str(tmp_path / "single")])
+@pytest.mark.parametrize("backend, finetune", CASES)
+def test_two_processes_resume_where_they_stopped(backend, finetune, trained, files, tmp_path):
+    """The 2-process run's output, cut back to its checkpoint of step 2 and resumed on 2
+    processes: the uninterrupted run's losses and weights. Sharded (FSDP2) full fine-tuning
+    resumes from torch.distributed.checkpoint's files."""
+    straight = trained(2, backend, finetune)
+    if (backend, finetune) == ("torch", "full"):
+        assert (straight / "checkpoint-2" / "sharded" / ".metadata").is_file()
+    cut = tmp_path / "out"
+    shutil.copytree(straight, cut, symlinks=True)
+    for late in (cut / "checkpoint-3", cut / ".final-3"):  # what only step 3 wrote goes
+        shutil.rmtree(late)
+    (cut / "final").unlink()
+    kept = [r for r in records(cut) if r["step"] <= 2]
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    done = launch(2, backend, ["--resume", str(cut / "checkpoint-2"), "--output", str(cut)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    compare(straight, cut, f"{backend} {finetune} resumed on 2")
+
+
+def test_resume_on_another_number_of_processes_is_refused(trained):
+    done = launch(2, "torch", ["--resume", str(trained(1, "torch", "lora") / "checkpoint-2")])
     assert done.returncode != 0
     assert "was trained by 1 process(es) and this run has 2" in done.stderr, done.stderr[-2000:]
 

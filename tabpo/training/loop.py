@@ -21,7 +21,7 @@ from tabpo.training import config as cfg
 from tabpo.training import refcache
 from tabpo.training.backend import Backend, ModelOptions, OptimizerSettings, seeded_lora_init
 from tabpo.training.checkpoint import CONFIG_FILE, TrainerState, read_state, resolve_checkpoint
-from tabpo.training.parallel import Parallel, mine
+from tabpo.training.parallel import FILLER, Parallel, mine
 from tabpo.training.run import Callbacks, Dataset, NonFiniteLoss, Run, step_pairs
 from tabpo.training.tracking import (
     METRICS_FILE,
@@ -125,20 +125,25 @@ def reference_table(run: Run, data: Dataset, *, name: str) -> refcache.RefTable:
     store = refcache.Store(Path(c.ref_cache_dir or refcache.default_cache_dir()) / key, key)
     entries = store.lookup(data.pairs)
     missing = [p for p in data.pairs if p.index not in entries]
-    if missing:  # every rank computes its share; all gather them; rank 0 writes the cache
-        share = [p for _, p in mine(missing, run.par)]
-        run.callbacks.phase(f"reference ({name})", len(share))
+    if missing:  # every rank computes its batches; all gather them; rank 0 writes the cache
+        size = c.eval_batch_size
+        share = mine([missing[i : i + size] for i in range(0, len(missing), size)], run.par)
+        run.callbacks.phase(f"reference ({name})", sum(len(chunk) for _, chunk in share))
         # full fine-tuning without --ref-model: the reference is the policy before any step
         # (tabpo.training.reference), so it is asked for the policy's own log-probs
         separate = c.finetune == "lora" or c.ref_model is not None
-        computed = refcache.compute(
-            lambda b: run.backend.logps(b, reference=separate),
-            share,
-            batch_size=c.eval_batch_size,
-            pad_id=run.pad,
-            progress=lambda n: run.callbacks.advance(f"reference ({name})", n),
-        )
-        for part in run.par.gather(computed.entries):
+        computed: dict[int, refcache.Entry] = {}
+        for m, chunk in share:
+            table = refcache.compute(
+                lambda b: run.backend.logps(b, reference=separate),
+                chunk,
+                batch_size=size,
+                pad_id=run.pad,
+                progress=lambda n: run.callbacks.advance(f"reference ({name})", n),
+            )
+            if m != FILLER:
+                computed.update(table.entries)
+        for part in run.par.gather(computed):
             entries.update(part)
         if run.par.rank == 0:
             store.add(missing, refcache.RefTable(entries))

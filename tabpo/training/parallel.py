@@ -10,10 +10,13 @@ backend sums the gradients:
   it has in one process (its share of the step's pairs), and the backend's
   ``optimizer_step`` sums the gradients of every rank before it clips and steps. So W
   processes make the step one process makes with ``gradient_accumulation_steps * W``;
-- evaluation batches and the pairs whose reference log-probs are not cached are dealt out
-  the same way, and every rank gathers the results;
-- rank 0 alone writes the output directory (metrics, checkpoints, final weights) and the
-  reference cache; the others wait at a barrier.
+- evaluation batches and the batches of pairs whose reference log-probs are not cached are
+  dealt out the same way, and every rank gathers the results; every rank runs the same
+  number of forwards (``mine``), since a sharded model (FSDP2) gathers its weights in each;
+- rank 0 alone writes metrics, the reference cache and the trainer state; checkpoints and
+  final weights are written into one temporary directory by every rank (a backend with
+  replicated weights writes from rank 0, a sharded one each rank's shard) and renamed into
+  place by rank 0.
 """
 
 from __future__ import annotations
@@ -85,9 +88,19 @@ class Collectives:
         return seconds
 
 
+FILLER = -1  # the position of a filler item: run like the others, its result dropped
+
+
 def mine(items: Sequence[T], par: Parallel) -> list[tuple[int, T]]:
-    """The items this rank takes, with their positions: item m goes to rank ``m % W``."""
-    return [(m, items[m]) for m in range(par.rank, len(items), par.world_size)]
+    """The items this rank takes, with their positions: item m goes to rank ``m % W``.
+
+    Every rank gets ``ceil(n / W)`` entries, so every rank runs the same number of forwards
+    (a sharded model's collectives need it): a rank short of one gets item 0 again at
+    position ``FILLER``, to run with a zero gradient scale and drop."""
+    w = par.world_size
+    rounds = -(-len(items) // w)
+    return [(m, items[m]) if m < len(items) else (FILLER, items[0])
+            for m in range(par.rank, rounds * w, w)]  # fmt: skip
 
 
 def gathered(par: Parallel, values: Sequence[tuple[int, T]]) -> list[T]:

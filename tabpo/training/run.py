@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from tabpo.training import config as cfg
 from tabpo.training import refcache
 from tabpo.training.backend import Backend, StepResult
 from tabpo.training.checkpoint import FINAL, TrainerState, checkpoints, write_state
-from tabpo.training.parallel import Parallel, Single, gathered, mine
+from tabpo.training.parallel import FILLER, Parallel, Single, gathered, mine
 from tabpo.training.schedule import learning_rate, warmup_steps
 from tabpo.training.tracking import combine
 
@@ -102,10 +103,11 @@ class Run:
             micro = [self.train.pairs[i] for i in indices]
             batch = collate(micro, self.pad)
             ref = self.ref_train.for_batch(batch) if self.ref_train else None
-            result = self.backend.forward_backward(
-                batch, self.objective, ref, scale=len(micro) / len(chosen)
-            )
+            scale = 0.0 if m == FILLER else len(micro) / len(chosen)
+            result = self.backend.forward_backward(batch, self.objective, ref, scale=scale)
             self.check_finite(result, batch)
+            if m == FILLER:
+                continue
             parts.append((m, (len(micro), {"loss": result.loss, **result.metrics},
                               result.tokens)))  # fmt: skip
         lr = learning_rate(s.step, base=self.c.learning_rate, total=s.total_steps,
@@ -155,45 +157,54 @@ class Run:
         for m, batch in share:
             ref = self.ref_eval.for_batch(batch) if self.ref_eval else None
             result = self.backend.evaluate(batch, self.objective, ref)
-            parts.append((m, (len(batch.indices), {"loss": result.loss, **result.metrics})))
+            if m != FILLER:
+                parts.append((m, (len(batch.indices), {"loss": result.loss, **result.metrics})))
             self.callbacks.advance("eval", len(batch.indices))
         return {f"eval_{k}": v for k, v in combine(gathered(self.par, parts)).items()}
 
-    def checkpoint(self) -> Path:
-        """``checkpoint-<step>``, written by rank 0 (every rank holds the same weights and
-        optimizer state) while the others wait."""
-        target = self.output / f"checkpoint-{self.state.step}"
-        if self.par.rank == 0:
-            self._write_checkpoint(target)
-        self.par.barrier()
-        return target
+    def write_dir(self, target: Path, fill: Callable[[Path], None]) -> None:
+        """``tabpo.common.files.write_dir`` with every rank filling the temporary directory
+        rank 0 made (the backend decides what each rank writes); rank 0 renames it."""
+        par = self.par
+        if par.rank != 0:
+            tmp = Path(par.gather(None)[0])
+            fill(tmp)
+            par.barrier()  # filled
+        else:
 
-    def _write_checkpoint(self, target: Path) -> None:
-        """Weights, optimizer and RNG state, trainer state and config, written as one
-        directory renamed into place; then at most ``save_total_limit`` checkpoints are kept
-        (the oldest go)."""
+            def together(tmp: Path) -> None:
+                par.gather(str(tmp))
+                fill(tmp)
+                par.barrier()
+
+            write_dir(target, together)
+        par.barrier()  # renamed
+
+    def checkpoint(self) -> Path:
+        """``checkpoint-<step>``: weights, optimizer and RNG state, trainer state and config,
+        written as one directory renamed into place; then at most ``save_total_limit``
+        checkpoints are kept (the oldest go)."""
+        target = self.output / f"checkpoint-{self.state.step}"
 
         def fill(tmp: Path) -> None:
             self.backend.save_weights(tmp)
             self.backend.save_state(tmp)
-            write_state(tmp, self.state, cfg.to_yaml(self.c))
+            if self.par.rank == 0:
+                write_state(tmp, self.state, cfg.to_yaml(self.c))
 
-        OutputDir(self.output).record(target.name)
-        write_dir(target, fill)
+        if self.par.rank == 0:
+            OutputDir(self.output).record(target.name)
+        self.write_dir(target, fill)
         self.callbacks.message(f"saved {target}")
-        if self.c.save_total_limit:
+        if self.c.save_total_limit and self.par.rank == 0:
             old = checkpoints(self.output)[: -self.c.save_total_limit]
             for path in old:
                 remove(path)
             OutputDir(self.output).forget(*(p.name for p in old))
+        self.par.barrier()
+        return target
 
     def publish_final(self) -> None:
-        """``_publish_final`` on rank 0 while the others wait."""
-        if self.par.rank == 0:
-            self._publish_final()
-        self.par.barrier()
-
-    def _publish_final(self) -> None:
         """The final weights in ``final/``, reached from the top of the output directory
         (one link per file, so the directory loads as its stack's adapter or model).
 
@@ -207,8 +218,11 @@ class Run:
             files.extend(sorted(p.name for p in tmp.iterdir()))
 
         out = OutputDir(self.output)
-        out.record(name, FINAL)  # listed before they exist: --force finds what a kill left
-        write_dir(self.output / name, fill)
+        if self.par.rank == 0:
+            out.record(name, FINAL)  # listed before they exist: --force finds what a kill left
+        self.write_dir(self.output / name, fill)
+        if self.par.rank != 0:
+            return
         out.record(*files)
         point(self.output / FINAL, name)
         for file in files:
