@@ -161,6 +161,7 @@ def train(
     what ``check(c)`` returned, when the caller ran it first."""
     plan = plan or check(c)  # every rank checks before any of them writes
     par = backend.parallel()
+    par.barrier()  # every rank has checked the options and files; only now does rank 0 write
     callbacks = (callbacks or Callbacks()) if par.rank == 0 else Callbacks()  # one reporter
     output, resumed, checkpoint = plan.output, plan.resumed, plan.checkpoint
     if resumed is not None and resumed.world_size != par.world_size:
