@@ -4,6 +4,8 @@
     python -m benchmarks.bench --out bench-results --quick    # small fixture only, fewer steps
     python -m benchmarks.bench --out bench-repeat --sharing-repeat 3 --steps 10 --warmup 2
                                           # prefix sharing on vs off again, alternated
+    python -m benchmarks.bench --out bench-dp --data-parallel 3 --steps 8 --warmup 2
+                                          # 2 processes (torchrun, mlx.launch) vs 1
 
 Every runner trains the same fixture (``benchmarks/fixture.py``) with the same LoRA (rank
 16, alpha 32, dropout 0, all 7 projections), batch, learning rate and float32 weights, in
@@ -418,6 +420,18 @@ def main() -> None:
         help="only the real-model memory runs: SmolLM2-135M, tabpo's LoRA step "
         "on each backend with and without gradient checkpointing (memory.json)",
     )
+    parser.add_argument(
+        "--data-parallel",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only time `tabpo train` on the small fixture in 1 process and in 2 "
+        "(torchrun, mlx.launch ring), alternated ROUNDS times (data-parallel.json)",
+    )
+    parser.add_argument("--world", type=int, default=2, help="--data-parallel: processes")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="--data-parallel: threads per process (cores / W)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # inside a runner's subprocess
@@ -439,6 +453,9 @@ def main() -> None:
         return
     if args.memory:
         print(json.dumps(memory(args), indent=2))
+        return
+    if args.data_parallel:
+        print(json.dumps(data_parallel(args)["summary"], indent=2))
         return
     started = time.perf_counter()
     ceiling = matmul_ceiling()
@@ -528,6 +545,97 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
               "warmup": args.warmup, "lora": LORA, "runs": runs}  # fmt: skip
     (args.out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def data_parallel(args: argparse.Namespace) -> dict[str, Any]:
+    """``tabpo train`` (TAB-PO, LoRA, the reference precomputed) on the small fixture in one
+    process and in ``--world`` W (torchrun: gloo, NCCL on GPUs; mlx.launch's ring backend),
+    the same micro-batches of ``--batch-size / W`` pairs (one process accumulates W a step),
+    each world alternated with the other for ``--data-parallel`` rounds. A step's time is the
+    inverse of its metrics.jsonl ``it/s``; ``comm_s`` is its time in collectives (gradient
+    sum, metric gathers). Each process gets ``--threads`` threads (OMP, OpenBLAS; default
+    cores / W, so both worlds use the same cores). The load average before each run is
+    kept."""
+    fixture = args.out / "fixture-small"
+    build(fixture, FixtureSpec(size="small", pairs=args.pairs))
+    blas = {"LD_PRELOAD": OPENBLAS} if Path(OPENBLAS).exists() else {}
+    runs = []
+    backends = ("torch",) if args.no_mlx else ("torch", "mlx")
+    for k in range(args.data_parallel):
+        for backend in backends:
+            for world in (1, args.world):
+                threads = str(args.threads or max((os.cpu_count() or 2) // world, 1))
+                env = {**os.environ, **(blas if backend == "mlx" else {}),
+                       "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}  # fmt: skip
+                run = {"round": k, "backend": backend, "world": world,
+                       "load_before": os.getloadavg(),
+                       **dp_run(fixture, backend, world, args, env)}  # fmt: skip
+                runs.append(run)
+                print(f"round {k} {backend} W={world}: {run.get('pairs_per_s', 0):.2f} pairs/s "
+                      f"{run.get('error', '')}", file=sys.stderr, flush=True)  # fmt: skip
+    summary = {}
+    for backend in backends:
+        ok = [r for r in runs if r["backend"] == backend and "pairs_per_s" in r]
+        rate = {w: statistics.median(r["pairs_per_s"] for r in ok if r["world"] == w)
+                for w in (1, args.world)}  # fmt: skip
+        comm = [r["comm_s"] for r in ok if r["world"] == args.world]
+        summary[backend] = {"world": args.world, "pairs_per_s_w1": rate[1],
+                            "pairs_per_s_wn": rate[args.world],
+                            "ratio_wn_over_w1": rate[args.world] / rate[1],
+                            "comm_s_per_step_wn": statistics.median(comm)}  # fmt: skip
+    report = {"command": " ".join(["python -m benchmarks.bench", *sys.argv[1:]]),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+              "threads_per_process": args.threads or "cores / W",
+              "pairs_per_step": args.batch_size, "micro_batch": args.batch_size // args.world,
+              "steps": args.steps, "warmup": args.warmup, "lora": LORA,
+              "summary": summary, "runs": runs}  # fmt: skip
+    (args.out / "data-parallel.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def dp_run(fixture: Path, backend: str, world: int, args: argparse.Namespace,
+           env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    """One ``tabpo train`` in ``world`` processes; its median step time from metrics.jsonl."""
+    with tempfile.TemporaryDirectory() as tmp:
+        train = ["-m", "tabpo", "train", "--backend", backend, "--model", str(fixture / "model"),
+                 "--data", str(fixture / "pairs.jsonl"), "--output", f"{tmp}/out",
+                 "--ref-cache-dir", f"{tmp}/ref",
+                 "--batch-size", str(args.batch_size // args.world),
+                 "--gradient-accumulation-steps", str(args.world // world),
+                 "--max-steps", str(args.warmup + args.steps), "--logging-steps", "1",
+                 "--learning-rate", str(LEARNING_RATE), "--lr-scheduler", "constant",
+                 "--warmup-steps", "0", "--max-length", "8192",
+                 *(f"--{k.replace('_', '-')}={v}" for k, v in LORA.items())]  # fmt: skip
+        if world == 1:
+            cmd = [sys.executable, *train]
+        elif backend == "torch":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(world), *train]  # fmt: skip
+        else:
+            cmd = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
+                   "-n", str(world), "--backend", "ring", "--starting-port", str(free_port()),
+                   "--", sys.executable, *train]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        metrics = Path(tmp) / "out" / "metrics.jsonl"
+        if proc.returncode != 0 or not metrics.is_file():
+            lines = proc.stderr.strip().splitlines()
+            return {"error": " | ".join([x for x in lines if "error:" in x][:1] or lines[-3:])}
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    timed = [r for r in records if "it/s" in r][args.warmup :]
+    step_s = statistics.median(1 / r["it/s"] for r in timed)
+    return {"median_step_s": step_s, "pairs_per_s": args.batch_size / step_s,
+            "comm_s": statistics.median(r.get("comm_s", 0.0) for r in timed),
+            "last_loss": timed[-1]["loss"],
+            "step_times": [1 / r["it/s"] for r in timed]}  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (mlx.launch's ring starts there, one port per rank)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def sharing_repeat(args: argparse.Namespace) -> dict[str, Any]:
