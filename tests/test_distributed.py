@@ -96,7 +96,8 @@ def trained(files, tmp_path_factory):
         key = (world, backend, finetune)
         if key not in done:
             out = tmp_path_factory.mktemp(f"{backend}-{finetune}-w{world}") / "out"
-            run(files, out, world, backend, finetune)
+            ran = run(files, out, world, backend, finetune)
+            (out.parent / "console.txt").write_text(ran.stdout + ran.stderr)
             done[key] = out
         return done[key]
 
@@ -144,6 +145,10 @@ def test_two_processes_train_as_one(backend, finetune, trained):
           f"{weight_diff:.3g}")  # fmt: skip
     assert records(two)[0]["comm_s"] > 0  # reported for more than one process
     assert "comm_s" not in records(one)[0]
+    console = (two.parent / "console.txt").read_text()  # rank 0 alone talks
+    for line in ("tabpo train: ", "saved ", "done: 3 steps on 2 processes"):
+        n = console.count(line)
+        assert n == (2 if line == "saved " else 1), f"{line!r} printed {n} times:\n{console}"
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
