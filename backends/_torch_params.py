@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from tabpo.backends._torch_dist import full_tensor, like
 from tabpo.common.errors import TabpoError, reading
 from tabpo.models.families import weight_files
 from tabpo.training.backend import check_state
@@ -37,10 +38,11 @@ def trainable(model: nn.Module, *, lora: bool) -> dict[str, nn.Parameter]:
 
 def to_numpy(tensor: Tensor) -> np.ndarray:
     """A float32 NumPy copy of any floating tensor (NumPy has no bfloat16; float64 stays
-    float64); a copy, since ``.numpy()`` of a CPU tensor would share the memory the
-    optimizer updates."""
-    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    return tensor.detach().to(device="cpu", dtype=dtype, copy=True).numpy()
+    float64), gathered whole when it is sharded; a copy, since ``.numpy()`` of a CPU tensor
+    would share the memory the optimizer updates."""
+    whole = full_tensor(tensor.detach())
+    dtype = torch.float64 if whole.dtype == torch.float64 else torch.float32
+    return whole.to(device="cpu", dtype=dtype, copy=True).numpy()
 
 
 def assign(params: dict[str, nn.Parameter], values: dict[str, Tensor], *, where: str) -> None:
@@ -52,7 +54,8 @@ def assign(params: dict[str, nn.Parameter], values: dict[str, Tensor], *, where:
     )
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(values[name].to(device=param.device, dtype=param.dtype))
+            value = values[name].to(device=param.device, dtype=param.dtype)
+            param.copy_(like(value, param))
 
 
 def saved_weights(directory: Path, params: dict[str, nn.Parameter], *, lora: bool) -> dict:

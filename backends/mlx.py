@@ -22,6 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
+from tabpo.backends import _mlx_dist as distributed
 from tabpo.backends import _mlx_io as io
 from tabpo.backends._mlx_logps import Forward, as_mx, completion_rows, token_logps
 from tabpo.backends._mlx_model import (
@@ -50,6 +51,7 @@ from tabpo.training.backend import (
     StepResult,
     TokenValues,
 )
+from tabpo.training.parallel import Parallel
 
 # Reference log-probs (chosen, rejected) and, for KL losses, (reference model, its rows).
 _RefInputs = tuple[tuple[mx.array, mx.array] | None, tuple[nn.Module, mx.array] | None]
@@ -70,6 +72,12 @@ class MlxBackend:
         self._grads: Any = None  # float32 tree of summed micro-batch gradients
         self._master: Any = None  # float32 copies of half-precision trained weights
         self.prefix_sharing = "auto"  # tabpo.data.layout.SHARING
+        self.par: Parallel | None = None  # mlx.launch's group once joined
+
+    def parallel(self) -> Parallel:
+        if self.par is None:
+            self.par = distributed.from_environment()
+        return self.par
 
     # -- model ---------------------------------------------------------------------------
 
@@ -269,9 +277,14 @@ class MlxBackend:
 
     def optimizer_step(self, learning_rate: float, max_grad_norm: float | None) -> float:
         optimizer, model = self._require_optimizer(), self._policy
-        if self._grads is None:
-            raise TabpoError("no gradients to apply: call forward_backward() first")
         grads = self._grads
+        if isinstance(self.par, distributed.MlxGroup):  # a rank without micro-batches adds 0
+            if grads is None:
+                grads = tree_map(lambda p: mx.zeros(p.shape, mx.float32),
+                                 model.trainable_parameters())  # fmt: skip
+            grads = self.par.sum_gradients(grads)
+        if grads is None:
+            raise TabpoError("no gradients to apply: call forward_backward() first")
         if max_grad_norm is not None:
             grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
         else:
@@ -315,6 +328,9 @@ class MlxBackend:
                                     from_canonical(self._policy, state))  # fmt: skip
 
     def save_weights(self, directory: Path) -> None:
+        """Rank 0 writes (every rank holds the same weights); the others write nothing."""
+        if self.parallel().rank != 0:
+            return
         directory = Path(directory)
         if self.lora_parameters is not None:
             io.save_adapter(self._policy, directory, self.lora_parameters)
@@ -323,6 +339,8 @@ class MlxBackend:
             io.save_model_dir(self._policy, self.info, self.tokenizer, directory)
 
     def save_state(self, directory: Path) -> None:
+        if self.parallel().rank != 0:
+            return
         io.save_optimizer(self._require_optimizer(), Path(directory))
         if self._master is not None:  # the weights file holds them rounded: keep them exact
             io.save_master(self._master, Path(directory))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tabpo.backends import _torch_dist as distributed
 from tabpo.backends import _torch_load as loading
 from tabpo.backends import _torch_params as params
 from tabpo.backends._torch_logps import (
@@ -38,10 +39,12 @@ from tabpo.training.backend import (
     StepResult,
     TokenValues,
 )
+from tabpo.training.parallel import Parallel
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 MASTER_FILE = "master_weights.pt"
+SHARDED_DIR = "sharded"  # FSDP2: torch.distributed.checkpoint's files, one set per rank
 
 
 class TorchBackend:
@@ -61,6 +64,12 @@ class TorchBackend:
         self.lora = True
         self.prefix_sharing = "auto"
         self.mask_kind: str | None = "bool"  # how the attention takes a fork mask
+        self.par: Parallel | None = None  # torchrun's process group once joined
+
+    def parallel(self) -> Parallel:
+        if self.par is None:
+            self.par = distributed.from_environment()
+        return self.par
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -69,10 +78,19 @@ class TorchBackend:
         self.device = loading.pick_device(options.device)
         if dtype == torch.float64 and self.device.type == "mps":  # MPS has no float64
             self.device = torch.device("cpu")
+        if self.parallel().world_size > 1 and self.device.type == "cuda":
+            self.device = distributed.local_device() or self.device  # this rank's GPU
         if options.dtype == "float16" and options.finetune == "full" and self.device.type == "cuda":
             raise TabpoError(
                 "float16 full fine-tuning on CUDA needs loss scaling, which tabpo does not do "
                 "(its gradients underflow): use --dtype bfloat16 or float32"
+            )
+        sharded = self.parallel().world_size > 1 and options.finetune == "full"
+        if sharded and options.dtype != "float32":
+            raise TabpoError(
+                "full fine-tuning on several processes (FSDP2) runs in float32 only: "
+                "half-precision master weights are not sharded yet (use --dtype float32, "
+                "or LoRA)"
             )
         model = loading.load_causal_lm(options.path, dtype, self.device)
         if options.gradient_checkpointing:
@@ -88,6 +106,8 @@ class TorchBackend:
             self.model = model.requires_grad_(True)
             self.reference = loading.full_reference(options, model, dtype, self.device)
             self.tokenizer = loading.tokenizer_for(options.path)
+            if sharded:  # after the reference copy, which stays whole
+                distributed.shard(self.model)
 
     def _probe(self, model: nn.Module, options: ModelOptions) -> None:
         """tabpo's log-prob path against the model's own forward (``tabpo.training.probe``),
@@ -126,9 +146,23 @@ class TorchBackend:
             if reference:
                 rows, head = self._reference_rows(inputs)
             else:
-                rows = completion_hidden(self._lm, inputs)
-                head = self._lm.get_output_embeddings()
+                return self._policy_logps_numpy(inputs)
             chosen, rejected = inputs.sides(token_logps(rows, head, inputs.target))
+        return params.to_numpy(chosen), None if rejected is None else params.to_numpy(rejected)
+
+    def _policy_logps(self, inputs: DeviceBatch) -> Tensor:
+        """The policy's log-probs (U,) of the completion tokens (through FSDP's hooks when
+        the model is sharded)."""
+        lm = self._lm
+
+        def forward() -> Tensor:
+            rows = completion_hidden(lm, inputs)
+            return token_logps(rows, lm.get_output_embeddings(), inputs.target)
+
+        return distributed.run(lm, forward)
+
+    def _policy_logps_numpy(self, inputs: DeviceBatch) -> RefLogps:
+        chosen, rejected = inputs.sides(self._policy_logps(inputs))
         return params.to_numpy(chosen), None if rejected is None else params.to_numpy(rejected)
 
     @contextmanager
@@ -159,12 +193,17 @@ class TorchBackend:
     ) -> tuple[tuple[Tensor, Tensor], Any, Any]:
         """Policy (B, T) pair with gradient, reference pair (or None) and KL pair (or None),
         the reference as ``rules.reference_use`` decides."""
-        head = self._lm.get_output_embeddings()
         use = rules.reference_use(objective, ref)
         if use == rules.KL:
+            lm = self._lm
             ref_rows, ref_head = self._reference_rows(inputs)
-            rows = completion_hidden(self._lm, inputs)
-            lp, ref_lp, kl = token_logps_and_kl(rows, ref_rows, head, ref_head, inputs.target)
+
+            def forward() -> tuple[Tensor, Tensor, Tensor]:
+                rows = completion_hidden(lm, inputs)
+                head = lm.get_output_embeddings()
+                return token_logps_and_kl(rows, ref_rows, head, ref_head, inputs.target)
+
+            lp, ref_lp, kl = distributed.run(lm, forward)
             return inputs.sides(lp), inputs.sides(ref_lp), inputs.sides(kl)
         reference = None
         if use == rules.RUN:
@@ -172,8 +211,7 @@ class TorchBackend:
         elif use == rules.GIVEN:
             assert ref is not None
             reference = inputs.given(ref)
-        rows = completion_hidden(self._lm, inputs)
-        return inputs.sides(token_logps(rows, head, inputs.target)), reference, None
+        return inputs.sides(self._policy_logps(inputs)), reference, None
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -198,6 +236,8 @@ class TorchBackend:
     ) -> StepResult:
         self._net.train()  # LoRA dropout on
         result, loss = self._step(batch, objective, ref)
+        if distributed.is_sharded(self.model):  # FSDP's reduce-scatter averages: sum instead
+            scale *= self.parallel().world_size
         (loss * scale).backward()
         return result
 
@@ -268,6 +308,8 @@ class TorchBackend:
                 master.grad = None if grad is None else grad.float()
                 params_[name].grad = None
         trained = list((self.master or params_).values())
+        if isinstance(self.par, distributed.TorchGroup) and not distributed.is_sharded(self.model):
+            self.par.sum_gradients(trained)
         norm = _grad_norm(trained)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
@@ -307,14 +349,34 @@ class TorchBackend:
     # -- files -----------------------------------------------------------------------------
 
     def save_weights(self, directory: Path) -> None:
+        """Rank 0 writes (a sharded model is gathered to it first, as a Hugging Face
+        directory); the other ranks write nothing."""
         directory = Path(directory)
+        state = distributed.full_state(self._net) if distributed.is_sharded(self.model) else None
+        if not self._writes:
+            return
         directory.mkdir(parents=True, exist_ok=True)
-        self._net.save_pretrained(str(directory))
+        self._net.save_pretrained(str(directory), state_dict=state)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
 
+    @property
+    def _writes(self) -> bool:
+        """Whether this process writes replicated files: rank 0 alone."""
+        return self.parallel().rank == 0
+
     def save_state(self, directory: Path) -> None:
+        """Optimizer state, master weights and RNG, from rank 0; a sharded model's weights
+        and optimizer state in ``SHARDED_DIR``, every rank its shards."""
         directory = Path(directory)
+        if distributed.is_sharded(self.model):
+            assert self.optimizer is not None, "call setup_optimizer() first"
+            distributed.save_sharded(self._net, self.optimizer, directory / SHARDED_DIR)
+            if self._writes:
+                torch.save(params.rng_state(), directory / RNG_FILE)
+            return
+        if not self._writes:
+            return
         directory.mkdir(parents=True, exist_ok=True)
         if self.optimizer is not None:
             torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
@@ -324,6 +386,17 @@ class TorchBackend:
 
     def load_state(self, directory: Path) -> None:
         directory = Path(directory)
+        if distributed.is_sharded(self.model):
+            if self.optimizer is None or not (directory / SHARDED_DIR).is_dir():
+                raise TabpoError(
+                    f"{directory}: no {SHARDED_DIR}/ of sharded weights and optimizer state "
+                    f"to resume from (or no optimizer: call setup_optimizer first)"
+                )
+            with reading(directory / SHARDED_DIR, "the sharded checkpoint"):
+                distributed.load_sharded(self._net, self.optimizer, directory / SHARDED_DIR)
+            with reading(directory / RNG_FILE, "the RNG state"):
+                params.set_rng_state(torch.load(directory / RNG_FILE, weights_only=True))
+            return
         current = self._params()
         saved = params.saved_weights(directory, current, lora=self.lora)
         params.assign(current, saved, where=str(directory))
@@ -372,9 +445,12 @@ class TorchBackend:
 
 
 def _grad_norm(trained: list[nn.Parameter]) -> float:
-    """``sqrt(sum_p ||g_p||^2)`` over the parameters a backward reached."""
-    norms = [p.grad.detach().float().norm() for p in trained if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+    """``sqrt(sum_p ||g_p||^2)`` over the parameters a backward reached (whole, when they
+    are sharded)."""
+    grads = [p.grad.detach().float() for p in trained if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(distributed.full_tensor(torch.nn.utils.get_total_norm(grads)))
 
 
 @contextmanager

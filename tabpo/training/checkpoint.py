@@ -27,6 +27,7 @@ class TrainerState:
     epoch_step: int = 0  # position of the next step inside its epoch
     num_tokens: int = 0  # non-padding tokens trained on so far
     total_steps: int = 0
+    world_size: int = 1  # processes that trained it: a step's pairs depend on it
 
 
 def write_state(directory: Path, state: TrainerState, config_yaml: str) -> None:

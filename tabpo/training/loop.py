@@ -21,6 +21,7 @@ from tabpo.training import config as cfg
 from tabpo.training import refcache
 from tabpo.training.backend import Backend, ModelOptions, OptimizerSettings, seeded_lora_init
 from tabpo.training.checkpoint import CONFIG_FILE, TrainerState, read_state, resolve_checkpoint
+from tabpo.training.parallel import FILLER, Parallel, mine
 from tabpo.training.run import Callbacks, Dataset, NonFiniteLoss, Run, step_pairs
 from tabpo.training.tracking import (
     METRICS_FILE,
@@ -124,20 +125,29 @@ def reference_table(run: Run, data: Dataset, *, name: str) -> refcache.RefTable:
     store = refcache.Store(Path(c.ref_cache_dir or refcache.default_cache_dir()) / key, key)
     entries = store.lookup(data.pairs)
     missing = [p for p in data.pairs if p.index not in entries]
-    if missing:
-        run.callbacks.phase(f"reference ({name})", len(missing))
+    if missing:  # every rank computes its batches; all gather them; rank 0 writes the cache
+        size = c.eval_batch_size
+        share = mine([missing[i : i + size] for i in range(0, len(missing), size)], run.par)
+        run.callbacks.phase(f"reference ({name})", sum(len(chunk) for _, chunk in share))
         # full fine-tuning without --ref-model: the reference is the policy before any step
         # (tabpo.training.reference), so it is asked for the policy's own log-probs
         separate = c.finetune == "lora" or c.ref_model is not None
-        computed = refcache.compute(
-            lambda b: run.backend.logps(b, reference=separate),
-            missing,
-            batch_size=c.eval_batch_size,
-            pad_id=run.pad,
-            progress=lambda n: run.callbacks.advance(f"reference ({name})", n),
-        )
-        store.add(missing, computed)
-        entries.update(computed.entries)
+        computed: dict[int, refcache.Entry] = {}
+        for m, chunk in share:
+            table = refcache.compute(
+                lambda b: run.backend.logps(b, reference=separate),
+                chunk,
+                batch_size=size,
+                pad_id=run.pad,
+                progress=lambda n: run.callbacks.advance(f"reference ({name})", n),
+            )
+            if m != FILLER:
+                computed.update(table.entries)
+        for part in run.par.gather(computed):
+            entries.update(part)
+        if run.par.rank == 0:
+            store.add(missing, refcache.RefTable(entries))
+        run.par.barrier()
     run.callbacks.message(f"reference log-probs of {name}: {len(data.pairs) - len(missing)} "
                           f"cached, {len(missing)} computed ({store.directory})")  # fmt: skip
     return refcache.RefTable(entries)
@@ -149,9 +159,17 @@ def train(
 ) -> Run:  # fmt: skip
     """Run the whole training job described by ``c``; returns the finished run. ``plan``:
     what ``check(c)`` returned, when the caller ran it first."""
-    callbacks = callbacks or Callbacks()
-    plan = plan or check(c)
+    plan = plan or check(c)  # every rank checks before any of them writes
+    par = backend.parallel()
+    par.barrier()  # every rank has checked the options and files; only now does rank 0 write
+    callbacks = (callbacks or Callbacks()) if par.rank == 0 else Callbacks()  # one reporter
     output, resumed, checkpoint = plan.output, plan.resumed, plan.checkpoint
+    if resumed is not None and resumed.world_size != par.world_size:
+        raise TabpoError(
+            f"--resume: {checkpoint} was trained by {resumed.world_size} process(es) and this "
+            f"run has {par.world_size}: a step's pairs depend on the number of processes, "
+            f"so resume with {resumed.world_size}"
+        )
     tokenizer = load_tokenizer(c.model or "")
     train_data = encode_dataset(c.data or "", plan.train_examples, tokenizer, c)
     eval_data = None
@@ -176,7 +194,9 @@ def train(
     )
     if c.finetune == "lora":  # the same start on every backend, whatever its own init
         backend.load_trainable_state(seeded_lora_init(backend.trainable_state(), c.seed))
-    run = Run(c, backend, objective, train_data, eval_data, pad_id(tokenizer), output, callbacks)
+    run = Run(c, backend, objective, train_data, eval_data, pad_id(tokenizer), output, callbacks,
+              par=par)  # fmt: skip
+    run.state.world_size = par.world_size
     if precompute:  # before any resume: for full fine-tuning the reference is the start
         run.ref_train = reference_table(run, train_data, name="train")
         if eval_data:
@@ -186,17 +206,12 @@ def train(
     if checkpoint is not None and resumed is not None:
         backend.load_state(checkpoint)
         run.state = resumed
-        MetricsLog(output / METRICS_FILE).truncate(resumed.step)
+        if par.rank == 0:
+            MetricsLog(output / METRICS_FILE).truncate(resumed.step)
         callbacks.message(f"resumed from {checkpoint} at step {resumed.step}")
     total = c.max_steps or math.ceil(c.epochs * run.steps_per_epoch)
     run.state.total_steps = total
-    out = OutputDir(output)
-    if c.force:  # only now: a run that failed to start loses nothing
-        out.clear()
-    out.clean_stale()
-    out.record(CONFIG_FILE, METRICS_FILE, *(OUTPUTS[r] for r in c.reporters()))
-    write_text(output / CONFIG_FILE, cfg.to_yaml(c))
-    reporters = open_reporters(c.reporters(), output, c.to_dict())
+    reporters = _open_output(c, output, par)
     try:
         _loop(run, reporters)
     finally:
@@ -205,15 +220,38 @@ def train(
     return run
 
 
+def _open_output(c: cfg.TrainConfig, output: Path, par: Parallel) -> list[Reporter]:
+    """Rank 0 prepares the output directory and opens the loggers; the others wait."""
+    reporters: list[Reporter] = []
+    if par.rank == 0:
+        out = OutputDir(output)
+        if c.force:  # only now: a run that failed to start loses nothing
+            out.clear()
+        out.clean_stale()
+        out.record(CONFIG_FILE, METRICS_FILE, *(OUTPUTS[r] for r in c.reporters()))
+        write_text(output / CONFIG_FILE, cfg.to_yaml(c))
+        reporters = open_reporters(c.reporters(), output, c.to_dict())
+    par.barrier()
+    return reporters
+
+
+class _Silent(MetricsLog):
+    """The metrics log of a rank other than 0: the records are rank 0's to write."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
 def _loop(run: Run, reporters: list[Reporter]) -> None:
     c, s = run.c, run.state
-    log = MetricsLog(run.output / METRICS_FILE, reporters)
+    log_type = MetricsLog if run.par.rank == 0 else _Silent
+    log = log_type(run.output / METRICS_FILE, reporters)
     speed = Throughput()
     run.callbacks.phase("train", s.total_steps - s.step)
     last_saved = s.step
     while s.step < s.total_steps:
         record = run.step()
-        speed.add(int(record.pop("_tokens")))
+        speed.add(int(record.pop("_tokens")), run.par.comm_seconds())
         run.callbacks.advance("train")
         if s.step % c.logging_steps == 0 or s.step == s.total_steps:
             record = {"step": s.step, "epoch": round(s.epoch + s.epoch_step / max(
@@ -226,7 +264,7 @@ def _loop(run: Run, reporters: list[Reporter]) -> None:
         if c.save_steps and s.step % c.save_steps == 0 and s.step < s.total_steps:
             run.checkpoint()
             last_saved = s.step
-        if run.callbacks.should_stop():
+        if any(run.par.gather(run.callbacks.should_stop())):  # rank 0's Ctrl-C stops all
             if s.step != last_saved:
                 run.checkpoint()
             run.callbacks.message(f"stopped at step {s.step}; resume with --resume")

@@ -1,14 +1,16 @@
 """One training run's state and its optimizer step, evaluation and checkpoints.
 
-A step consumes ``batch_size * gradient_accumulation_steps`` pairs of a seeded per-epoch
-permutation, as micro-batches whose gradients are scaled by their share of the step's pairs,
-so k accumulated micro-batches of B equal one batch of kB.
+A step consumes ``batch_size * gradient_accumulation_steps * W`` pairs of a seeded per-epoch
+permutation (W processes, ``tabpo.training.parallel``), as micro-batches whose gradients are
+scaled by their share of the step's pairs, so k accumulated micro-batches of B equal one
+batch of kB, and W processes accumulating k each equal one accumulating kW.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from tabpo.training import config as cfg
 from tabpo.training import refcache
 from tabpo.training.backend import Backend, StepResult
 from tabpo.training.checkpoint import FINAL, TrainerState, checkpoints, write_state
+from tabpo.training.parallel import FILLER, Parallel, Single, gathered, mine
 from tabpo.training.schedule import learning_rate, warmup_steps
 from tabpo.training.tracking import combine
 
@@ -76,10 +79,12 @@ class Run:
     ref_train: refcache.RefTable | None = None
     ref_eval: refcache.RefTable | None = None
     state: TrainerState = field(default_factory=TrainerState)
+    par: Parallel = field(default_factory=Single)
 
     @property
     def per_step(self) -> int:
-        return self.c.batch_size * self.c.gradient_accumulation_steps
+        """Pairs per optimizer step, over all ranks (``--batch-size`` is per process)."""
+        return self.c.batch_size * self.c.gradient_accumulation_steps * self.par.world_size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -91,20 +96,25 @@ class Run:
         s = self.state
         chosen = step_pairs(len(self.train.pairs), self.per_step, self.c.seed, s.epoch,
                             s.epoch_step)  # fmt: skip
-        parts, tokens = [], 0
-        for start in range(0, len(chosen), self.c.batch_size):
-            micro = [self.train.pairs[i] for i in chosen[start : start + self.c.batch_size]]
+        size = self.c.batch_size
+        micros = [chosen[start : start + size] for start in range(0, len(chosen), size)]
+        parts: list[tuple[int, tuple[int, dict[str, float], int]]] = []
+        for m, indices in mine(micros, self.par):  # this rank's micro-batches
+            micro = [self.train.pairs[i] for i in indices]
             batch = collate(micro, self.pad)
             ref = self.ref_train.for_batch(batch) if self.ref_train else None
-            result = self.backend.forward_backward(
-                batch, self.objective, ref, scale=len(micro) / len(chosen)
-            )
+            scale = 0.0 if m == FILLER else len(micro) / len(chosen)
+            result = self.backend.forward_backward(batch, self.objective, ref, scale=scale)
             self.check_finite(result, batch)
-            parts.append((len(micro), {"loss": result.loss, **result.metrics}))
-            tokens += result.tokens
+            if m == FILLER:
+                continue
+            parts.append((m, (len(micro), {"loss": result.loss, **result.metrics},
+                              result.tokens)))  # fmt: skip
         lr = learning_rate(s.step, base=self.c.learning_rate, total=s.total_steps,
                            warmup=self.warmup, kind=self.c.lr_scheduler)  # fmt: skip
         grad_norm = self.backend.optimizer_step(lr, self.c.max_grad_norm)
+        every = gathered(self.par, parts)  # every rank's micro-batches, in step order
+        tokens = sum(t for _, _, t in every)
         if not math.isfinite(grad_norm):
             raise NonFiniteLoss(
                 f"step {s.step + 1}: the gradient norm is {grad_norm} although the loss is "
@@ -115,7 +125,7 @@ class Run:
         s.epoch_step += 1
         if s.epoch_step >= self.steps_per_epoch:
             s.epoch, s.epoch_step = s.epoch + 1, 0
-        metrics = combine(parts)
+        metrics = combine((n, m) for n, m, _ in every)
         return {"loss": metrics.pop("loss"), "grad_norm": grad_norm, "learning_rate": lr,
                 "num_tokens": s.num_tokens, **metrics, "_tokens": tokens}  # fmt: skip
 
@@ -141,13 +151,34 @@ class Run:
     def evaluate(self) -> dict[str, float]:
         assert self.eval is not None
         parts = []
-        self.callbacks.phase("eval", len(self.eval.pairs))
-        for batch in batches(self.eval.pairs, self.c.eval_batch_size, pad_id=self.pad):
+        share = mine(list(batches(self.eval.pairs, self.c.eval_batch_size, pad_id=self.pad)),
+                     self.par)  # fmt: skip
+        self.callbacks.phase("eval", sum(len(batch.indices) for _, batch in share))
+        for m, batch in share:
             ref = self.ref_eval.for_batch(batch) if self.ref_eval else None
             result = self.backend.evaluate(batch, self.objective, ref)
-            parts.append((len(batch.indices), {"loss": result.loss, **result.metrics}))
+            if m != FILLER:
+                parts.append((m, (len(batch.indices), {"loss": result.loss, **result.metrics})))
             self.callbacks.advance("eval", len(batch.indices))
-        return {f"eval_{k}": v for k, v in combine(parts).items()}
+        return {f"eval_{k}": v for k, v in combine(gathered(self.par, parts)).items()}
+
+    def write_dir(self, target: Path, fill: Callable[[Path], None]) -> None:
+        """``tabpo.common.files.write_dir`` with every rank filling the temporary directory
+        rank 0 made (the backend decides what each rank writes); rank 0 renames it."""
+        par = self.par
+        if par.rank != 0:
+            tmp = Path(par.gather(None)[0])
+            fill(tmp)
+            par.barrier()  # filled
+        else:
+
+            def together(tmp: Path) -> None:
+                par.gather(str(tmp))
+                fill(tmp)
+                par.barrier()
+
+            write_dir(target, together)
+        par.barrier()  # renamed
 
     def checkpoint(self) -> Path:
         """``checkpoint-<step>``: weights, optimizer and RNG state, trainer state and config,
@@ -158,16 +189,19 @@ class Run:
         def fill(tmp: Path) -> None:
             self.backend.save_weights(tmp)
             self.backend.save_state(tmp)
-            write_state(tmp, self.state, cfg.to_yaml(self.c))
+            if self.par.rank == 0:
+                write_state(tmp, self.state, cfg.to_yaml(self.c))
 
-        OutputDir(self.output).record(target.name)
-        write_dir(target, fill)
+        if self.par.rank == 0:
+            OutputDir(self.output).record(target.name)
+        self.write_dir(target, fill)
         self.callbacks.message(f"saved {target}")
-        if self.c.save_total_limit:
+        if self.c.save_total_limit and self.par.rank == 0:
             old = checkpoints(self.output)[: -self.c.save_total_limit]
             for path in old:
                 remove(path)
             OutputDir(self.output).forget(*(p.name for p in old))
+        self.par.barrier()
         return target
 
     def publish_final(self) -> None:
@@ -184,8 +218,11 @@ class Run:
             files.extend(sorted(p.name for p in tmp.iterdir()))
 
         out = OutputDir(self.output)
-        out.record(name, FINAL)  # listed before they exist: --force finds what a kill left
-        write_dir(self.output / name, fill)
+        if self.par.rank == 0:
+            out.record(name, FINAL)  # listed before they exist: --force finds what a kill left
+        self.write_dir(self.output / name, fill)
+        if self.par.rank != 0:
+            return
         out.record(*files)
         point(self.output / FINAL, name)
         for file in files:

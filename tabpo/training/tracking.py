@@ -33,18 +33,23 @@ def combine(parts: Iterable[tuple[float, dict[str, float]]]) -> dict[str, float]
 
 
 class Throughput:
-    """Optimizer steps and tokens per second since the last ``read``."""
+    """Optimizer steps and tokens per second since the last ``read`` and, with several
+    processes, the seconds per step spent in collectives (``comm_s``)."""
 
     def __init__(self) -> None:
         self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+        self.comm = 0.0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, comm_seconds: float = 0.0) -> None:
         self.steps += 1
         self.tokens += tokens
+        self.comm += comm_seconds
 
     def read(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         figures = {"it/s": self.steps / elapsed, "tok/s": self.tokens / elapsed}
+        if self.comm:
+            figures["comm_s"] = self.comm / max(self.steps, 1)
         self.__init__()  # type: ignore[misc]
         return figures
 
