@@ -110,8 +110,32 @@ def _peak_memory_gb(cuda: bool = False) -> float:
 # ---- TRL --------------------------------------------------------------------------------------
 
 
-def _trl_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+def _templated_ids(tokenizer: Any, rows: list[dict[str, str]]) -> list[Any]:
+    """tabpo's own encoding of the pairs (its chat-template rendering, a real model's)."""
+    from tabpo.common.files import write_jsonl
+    from tabpo.data.encoding import encode_pairs
+    from tabpo.data.records import read_preferences
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = read_preferences(write_jsonl(rows, Path(tmp) / "pairs.jsonl"))[0]
+    return encode_pairs(tokenizer, pairs, max_length=MAX_LENGTH)[0]
+
+
+def _same_but_a_blank_tail(ours: list[int], theirs: list[int], tokenizer: Any) -> int:
+    """How many tokens ``theirs`` has after ``ours``; a ValueError unless it starts with
+    ``ours`` and what follows is whitespace (ChatML's newline after ``<|im_end|>``, which a
+    chat template writes and the other tools train; tabpo trains up to the end-of-turn)."""
+    extra = list(theirs[len(ours) :])
+    if list(theirs[: len(ours)]) != list(ours) or tokenizer.decode(extra).strip():
+        raise ValueError("different ids")
+    return len(extra)
+
+
+def _trl_rows(rows: list[dict[str, str]], tokenizer: Any) -> list[dict[str, Any]]:
     """The pairs as TRL must get them to tokenize them as we do.
+
+    With a chat template (a real model): TRL's conversational format, one user turn and the
+    assistant's answer, which TRL renders with the template as tabpo does.
 
     For standard (non-conversational) data TRL 1.x tokenizes ``prompt``, ``prompt + chosen`` and
     ``prompt + rejected`` (plain string concatenation) and appends ``eos_token`` to each
@@ -121,12 +145,17 @@ def _trl_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     special token and is split off even when glued, so the completions are passed unchanged. The
     tokenizer adds BOS to ``prompt`` and to ``prompt + completion``, once, at the start.
     """
+    if tokenizer.chat_template:
+        turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+        return [{"prompt": turn("user", r["prompt"]), "chosen": turn("assistant", r["chosen"]),
+                 "rejected": turn("assistant", r["rejected"])} for r in rows]  # fmt: skip
     return [{"prompt": r["prompt"] + " ", "chosen": r["chosen"], "rejected": r["rejected"]}
             for r in rows]  # fmt: skip
 
 
-def _check_trl_ids(dataset: Any, rows: list[dict[str, str]], tokenizer: Any) -> None:
-    """Fail unless TRL's tokenized dataset holds exactly our ids, row by row.
+def _check_trl_ids(dataset: Any, rows: list[dict[str, str]], tokenizer: Any) -> int:
+    """Fail unless TRL's tokenized dataset holds exactly our ids, row by row; return the
+    completion tokens TRL adds after ours (with a chat template: its blank tail, else 0).
 
     TRL's collator builds each sequence as ``prompt_ids + chosen_ids`` (or ``+ rejected_ids``)
     with attention-mask ones over exactly those tokens (then right-pads), so equal ids mean the
@@ -134,12 +163,25 @@ def _check_trl_ids(dataset: Any, rows: list[dict[str, str]], tokenizer: Any) -> 
     """
     if len(dataset) != len(rows):
         raise AssertionError(f"TRL kept {len(dataset)} of {len(rows)} pairs")
+    if tokenizer.chat_template:
+        extra = 0
+        for i, ours in enumerate(_templated_ids(tokenizer, rows)):
+            got = dataset[i]
+            try:
+                if list(got["prompt_ids"]) != ours.prompt_ids:
+                    raise ValueError("different prompt")
+                extra += _same_but_a_blank_tail(ours.chosen_ids, got["chosen_ids"], tokenizer)
+                extra += _same_but_a_blank_tail(ours.rejected_ids, got["rejected_ids"], tokenizer)
+            except ValueError:
+                raise AssertionError(f"TRL tokenized pair {i} differently from tabpo") from None
+        return extra
     for i, row in enumerate(rows):
         prompt, chosen, rejected = _our_ids(tokenizer, row)
         got = dataset[i]
         ids = (got["prompt_ids"], got["chosen_ids"], got["rejected_ids"])
         if ids != (prompt, chosen, rejected):
             raise AssertionError(f"TRL tokenized pair {i} differently from our trainer")
+    return 0
 
 
 def _trl_config(output_dir: str, *, batch_size: int, max_steps: int, seed: int,
@@ -210,13 +252,13 @@ def _trl_trainer(model: Any, tokenizer: Any, rows: list[dict[str, str]], config:
     trainer = TimedDPOTrainer(
         model=model,
         args=config,
-        train_dataset=Dataset.from_list(_trl_rows(rows)),
+        train_dataset=Dataset.from_list(_trl_rows(rows, tokenizer)),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log line
-    _check_trl_ids(trainer.train_dataset, rows, tokenizer)
+    trainer.extra_tokens = _check_trl_ids(trainer.train_dataset, rows, tokenizer)
     return trainer
 
 
@@ -319,7 +361,7 @@ def run_trl(fixture: Path, *, mode: str, steps: int, warmup: int, batch_size: in
             "pair by pair); seeded shuffle each epoch, last partial batch dropped. "
             "Timed: on_step_begin..on_step_end (forward(s), backward, grad-norm, AdamW step, "
             "zero_grad); batch collation and logging are outside."
-        )
+        ) + _tail_note(trainer.extra_tokens, len(rows))
         return {
             "step_times": timer.times[warmup:],
             "losses": losses,
@@ -467,10 +509,11 @@ def run_mlx_lm_lora(fixture: Path, *, steps: int, warmup: int, batch_size: int,
             reference = load_reference_model(
                 argparse.Namespace(model=model_dir, reference_model_path=None)
             )
-            tokenizer.chat_template = _MLX_CHAT_TEMPLATE
+            if not tokenizer.chat_template:  # a real model keeps its own
+                tokenizer.chat_template = _MLX_CHAT_TEMPLATE
             rows = _read_pairs(fixture, at_least=batch_size)
             dataset = DPODataset(rows, tokenizer)
-            _check_mlx_ids(dataset, rows, AutoTokenizer.from_pretrained(model_dir))
+            extra = _check_mlx_ids(dataset, rows, AutoTokenizer.from_pretrained(model_dir))
             mx.random.seed(seed)
             optimizer = optim.AdamW(learning_rate=LEARNING_RATE, weight_decay=0.0)
             args = DPOTrainingArgs(
@@ -510,7 +553,7 @@ def run_mlx_lm_lora(fixture: Path, *, steps: int, warmup: int, batch_size: int,
             "(mlx default), no clipping. Timed: mlx-lm-lora's own per-report window (batch "
             "sampling + compiled step + mx.eval); peak_memory_gb is peak RSS "
             f"(mlx peak allocation {mx.get_peak_memory() / 1e9:.3f} GB)."
-        )
+        ) + _tail_note(extra, len(rows))
         return {
             "step_times": reports.times[warmup:],
             "losses": reports.losses,
@@ -520,13 +563,34 @@ def run_mlx_lm_lora(fixture: Path, *, steps: int, warmup: int, batch_size: int,
         }
 
 
-def _check_mlx_ids(dataset: Any, rows: list[dict[str, str]], tokenizer: Any) -> None:
-    """Fail unless mlx-lm-lora's ``DPODataset`` holds exactly our sequences and prompt lengths.
+def _tail_note(extra: int, pairs: int) -> str:
+    if not extra:
+        return ""
+    return (f" With the model's chat template the ids are tabpo's plus {extra} token(s) over "
+            f"{pairs} pairs after the end-of-turn (the template's newline), which this tool "
+            "trains and tabpo does not; checked pair by pair.")  # fmt: skip
+
+
+def _check_mlx_ids(dataset: Any, rows: list[dict[str, str]], tokenizer: Any) -> int:
+    """Fail unless mlx-lm-lora's ``DPODataset`` holds exactly our sequences and prompt lengths;
+    return the tokens it adds after ours (with a chat template: its blank tail, else 0).
 
     ``iterate_dpo_batches`` puts ``chosen``/``rejected`` ids into zero-padded arrays and masks
     the loss to positions ``[prompt_length, length)``, so equal ids and prompt lengths mean the
     same tokens and the same completion tokens as ours.
     """
+    if tokenizer.chat_template:
+        extra = 0
+        for i, ours in enumerate(_templated_ids(tokenizer, rows)):
+            got, n = dataset[i], len(ours.prompt_ids)
+            try:
+                for side, ids in (("chosen", ours.chosen_ids), ("rejected", ours.rejected_ids)):
+                    if got[f"{side}_prompt_length"] != n:
+                        raise ValueError("different prompt")
+                    extra += _same_but_a_blank_tail(ours.prompt_ids + ids, got[side], tokenizer)
+            except ValueError:
+                raise AssertionError(f"mlx-lm-lora tokenized pair {i} unlike tabpo") from None
+        return extra
     for i, row in enumerate(rows):
         prompt, chosen, rejected = _our_ids(tokenizer, row)
         got = dataset[i]
@@ -537,6 +601,7 @@ def _check_mlx_ids(dataset: Any, rows: list[dict[str, str]], tokenizer: Any) -> 
             or got["rejected_prompt_length"] != len(prompt)
         ):
             raise AssertionError(f"mlx-lm-lora tokenized pair {i} differently from our trainer")
+    return 0
 
 
 def _version(package: str) -> str:
