@@ -32,6 +32,7 @@ from tabpo.losses import Objective
 from tabpo.training import probe
 from tabpo.training import reference as rules
 from tabpo.training.backend import (
+    FLOAT64,
     ModelOptions,
     ObjectiveGradient,
     OptimizerSettings,
@@ -259,7 +260,7 @@ class TorchBackend:
     def objective_gradient(
         self, objective: Objective, batch: PairBatch, values: TokenValues, dtype: str
     ) -> ObjectiveGradient:
-        wide = torch.float64 if dtype == "float64" else torch.float32
+        wide = torch.float64 if dtype == FLOAT64 else torch.float32
 
         def tensor(x: np.ndarray | None, grad: bool = False) -> Tensor | None:
             return None if x is None else torch.tensor(x, dtype=wide, requires_grad=grad)
