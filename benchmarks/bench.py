@@ -438,6 +438,12 @@ def main() -> None:
     )
     parser.add_argument("--world", type=int, default=2, help="--data-parallel: processes")
     parser.add_argument(
+        "--stack",
+        choices=("all", "torch", "mlx"),
+        default="all",
+        help="--real-model: rerun one stack's runners, keep the others' runs",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="--data-parallel: threads per process (cores / W)"
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -587,7 +593,10 @@ def real_model(args: argparse.Namespace) -> dict[str, Any]:
     checkpointing off, and on: its default), and tabpo MLX (TAB-PO, DPO) against
     mlx-lm-lora's DPO (MLX on OpenBLAS where it is installed). Each run its own process;
     the same LoRA, batch, learning rate and float32 weights. Ratios: each tabpo runner's
-    pairs/s over the other tool's on the same stack (TRL without checkpointing)."""
+    pairs/s over the other tool's on the same stack (TRL without checkpointing).
+
+    ``--stack torch|mlx`` runs one stack's runners only and keeps the other stack's runs of
+    an earlier ``real-model.json`` in ``--out`` (named under ``kept``, with its command)."""
     fixture, blas = smollm2_fixture(args), linux_blas()
     runners = [
         Runner("tabpo torch, TAB-PO", "tabpo"),
@@ -599,16 +608,25 @@ def real_model(args: argparse.Namespace) -> dict[str, Any]:
         Runner("tabpo MLX, DPO", "tabpo", backend="mlx", loss="dpo", blas=blas),
         Runner("mlx-lm-lora DPO", "mlx-lm-lora", blas=blas),
     ]  # fmt: skip
-    runs = [timed_run(r, fixture, args) for r in runners]
+    stack = {r.name: "mlx" if r.backend == "mlx" or r.tool == "mlx-lm-lora" else "torch"
+             for r in runners}  # fmt: skip
+    chosen = [r for r in runners if args.stack in ("all", stack[r.name])]
+    fresh = {r.name: timed_run(r, fixture, args) for r in chosen}
+    earlier = args.out / "real-model.json"
+    kept = json.loads(earlier.read_text()) if args.stack != "all" and earlier.exists() else {}
+    old = {run["runner"]["name"]: run for run in kept.get("runs", [])}
+    runs = [fresh.get(r.name) or old[r.name] for r in runners if r.name in fresh or r.name in old]
     rate = {run["runner"]["name"]: run["pairs_per_s"] for run in runs}
     base = {"torch": rate["TRL DPOTrainer, grad. checkpointing off"],
             "mlx": rate["mlx-lm-lora DPO"]}  # fmt: skip
     for run in runs:
         r = run["runner"]
-        other = base["mlx" if r["backend"] == "mlx" or r["tool"] == "mlx-lm-lora" else "torch"]
+        other = base[stack[r["name"]]]
         if run["pairs_per_s"] and other:
             run["vs_other_tool"] = run["pairs_per_s"] / other
-    report = smollm2_report(args, runs, mlx_blas=blas)
+    kept_runs = [name for name in old if name not in fresh]
+    extra = {"kept": {"command": kept["command"], "runners": kept_runs}} if kept_runs else {}
+    report = smollm2_report(args, runs, mlx_blas=blas, **extra)
     (args.out / "real-model.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

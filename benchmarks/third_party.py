@@ -453,11 +453,13 @@ def _mlx_linux_cpu_patch() -> Iterator[None]:
 def run_mlx_lm_lora(fixture: Path, *, steps: int, warmup: int, batch_size: int,
                     seed: int = 0) -> dict:  # fmt: skip
     """Train with mlx-lm-lora's ``train_dpo`` for ``warmup + steps`` steps, set up as its CLI
-    (``mlx_lm_lora.train --train-mode dpo --optimizer adamw``) sets it up.
+    (``mlx_lm_lora.train --train-mode dpo --optimizer adamw``) sets it up, in float32 as every
+    runner trains (its loader keeps the stored dtype: SmolLM2's is bfloat16, whose CPU matmul
+    is MLX's own kernel, not BLAS: 330-500 s a step; the models are cast after loading).
 
     As ``mlx_lm_lora.train.run``/``train_model`` do: seed numpy, load the model and convert
     every layer's 7 linear projections to LoRA (``utils.from_pretrained``, rank 16, scale
-    alpha/rank = 2.0, dropout 0, float32 weights as stored), load the reference as a second full
+    alpha/rank = 2.0, dropout 0), load the reference as a second full
     copy of the model, frozen (``load_reference_model``, its default when no
     ``--reference-model-path``), tokenize with ``DPODataset`` wrapped in ``CacheDataset``, seed
     mlx, build ``optim.AdamW(lr, weight_decay=0)`` (mlx's default: no bias correction) and call
@@ -509,6 +511,7 @@ def run_mlx_lm_lora(fixture: Path, *, steps: int, warmup: int, batch_size: int,
             reference = load_reference_model(
                 argparse.Namespace(model=model_dir, reference_model_path=None)
             )
+            stored = _float32(model, reference)
             if not tokenizer.chat_template:  # a real model keeps its own
                 tokenizer.chat_template = _MLX_CHAT_TEMPLATE
             rows = _read_pairs(fixture, at_least=batch_size)
@@ -541,6 +544,9 @@ def run_mlx_lm_lora(fixture: Path, *, steps: int, warmup: int, batch_size: int,
             f"mlx-lm-lora {_version('mlx-lm-lora')} train_dpo on mlx {mx.__version__} "
             f"({mx.default_device()}, LD_PRELOAD={os.environ.get('LD_PRELOAD', 'unset')}: "
             "the mlx[cpu] wheel bundles a reference BLAS unless OpenBLAS is preloaded). "
+            f"Weights stored as {stored}, cast to float32 after loading (mlx-lm-lora keeps "
+            "the stored dtype; MLX's CPU bfloat16 matmul is its own kernel, not BLAS: "
+            "330-500 s a step on SmolLM2). "
             "Memory: the policy (base + LoRA) and a SECOND full "
             "frozen copy of the model as reference (load_reference_model, the CLI default). "
             "One step = 4 forwards of batch x length (policy chosen, policy rejected, reference "
@@ -561,6 +567,18 @@ def run_mlx_lm_lora(fixture: Path, *, steps: int, warmup: int, batch_size: int,
             "setup_s": setup_s,
             "notes": notes,
         }
+
+
+def _float32(*models: Any) -> str:
+    """Cast every parameter of the MLX ``models`` to float32; return the stored dtype(s)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    stored = {str(v.dtype).removeprefix("mlx.core.") for m in models
+              for _, v in tree_flatten(m.parameters())}  # fmt: skip
+    for m in models:
+        m.set_dtype(mx.float32)
+    return "/".join(sorted(stored))
 
 
 def _tail_note(extra: int, pairs: int) -> str:
