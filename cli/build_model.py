@@ -19,19 +19,23 @@ def build_model(
     out: Annotated[Path, typer.Option(help="Work directory: data/, init/, sft/.")],
     seed: Annotated[int, typer.Option(help="Seed of the data, the tokenizer and init.")] = 0,
     steps: Annotated[int | None, typer.Option(help="SFT steps (default: the recipe's).")] = None,
+    copy_steps: Annotated[
+        int | None, typer.Option(help="Copying warm-up steps (default: the recipe's).")
+    ] = None,
     install: Annotated[
         bool, typer.Option(help="Copy the result over the shipped checkpoint (models/tiny).")
     ] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing work directory.")] = False,
 ) -> None:
     """Generate the benchmark, train a byte-level BPE tokenizer and initialise the tiny
-    llama at random, then SFT it with `tabpo train --loss sft --finetune full` (the recipe
-    in tabpo.models.tiny.SFT_RECIPE)."""
+    llama at random, train it to copy (COPY_RECIPE, on the copying warm-up), then SFT it
+    (SFT_RECIPE), both with `tabpo train --loss sft --finetune full` (tabpo.models.tiny)."""
     from tabpo.backends import get_backend
     from tabpo.cli.ui import progress_callbacks
     from tabpo.clinical import write_splits
-    from tabpo.common.files import OutputDir, write_dir
-    from tabpo.models.tiny import SFT_RECIPE, SHIPPED, corpus, init_model
+    from tabpo.clinical.generator import copy_split
+    from tabpo.common.files import OutputDir, write_dir, write_jsonl
+    from tabpo.models.tiny import COPY_RECIPE, COPY_SIZE, SFT_RECIPE, SHIPPED, corpus, init_model
     from tabpo.training import config as cfg
     from tabpo.training.loop import train
 
@@ -40,16 +44,22 @@ def build_model(
     output.check(force=force, option="--out")
     if force:
         output.clear()
-    output.record("data", "init", "sft", "cache")
+    output.record("data", "init", "copy", "sft", "cache")
     splits = write_splits(out / "data", seed=seed)
-    console.print(f"benchmark: {', '.join(f'{k} {v}' for k, v in splits.items())}")
+    warmup = write_jsonl(copy_split(COPY_SIZE, seed), out / "data" / "copy.jsonl")
+    console.print(f"benchmark: {', '.join(f'{k} {v}' for k, v in splits.items())}, "
+                  f"copying warm-up {warmup}")  # fmt: skip
     init_model(out / "init", corpus(splits["sft"]), seed=seed)
-    recipe = {**SFT_RECIPE, "seed": seed, **({"max_steps": steps} if steps else {})}
-    c = cfg.build({}, {**recipe, "model": str(out / "init"), "data": str(splits["sft"]),
-                       "eval_data": str(splits["dev"]), "output": str(out / "sft"),
-                       "ref_cache_dir": str(out / "cache")})  # fmt: skip
-    with progress_callbacks() as callbacks:
-        train(c, get_backend(c.backend), callbacks)
+    stages = [("init", "copy", warmup, COPY_RECIPE, copy_steps),
+              ("copy", "sft", splits["sft"], SFT_RECIPE, steps)]  # fmt: skip
+    for start, stage, data, recipe, max_steps in stages:
+        console.print(f"stage {stage}: from {out / start}")
+        chosen = {"seed": seed, **({"max_steps": max_steps} if max_steps else {})}
+        paths = {"model": out / start, "data": data, "output": out / stage,
+                 "ref_cache_dir": out / "cache"}  # fmt: skip
+        c = cfg.build({}, {**recipe, **chosen, **{k: str(v) for k, v in paths.items()}})
+        with progress_callbacks() as callbacks:
+            train(c, get_backend(c.backend), callbacks)
     if install:
         write_dir(SHIPPED, lambda d: [shutil.copy2(out / "sft" / f, d / f) for f in MODEL_FILES
                                       if (out / "sft" / f).exists()])  # fmt: skip

@@ -87,7 +87,7 @@ SFT_RECIPE = {
     "loss": "sft",
     "finetune": "full",
     "backend": "torch",
-    "max_steps": 600,
+    "max_steps": 1200,
     "batch_size": 32,
     "gradient_accumulation_steps": 1,
     "learning_rate": 3e-3,
@@ -98,6 +98,17 @@ SFT_RECIPE = {
     "save_steps": 200,
     "max_length": 512,
 }
+# The first stage (``tabpo build-model``): the copying warm-up (``copy_split``: random-word
+# sentences copied into a JSON list), short sequences, so a few minutes teach the heads that
+# find a token in the prompt and continue from it; the SFT stage starts from its weights.
+COPY_RECIPE = {
+    **SFT_RECIPE,
+    "max_steps": 1500,
+    "batch_size": 64,
+    "save_steps": 500,
+    "max_length": 256,
+}
+COPY_SIZE = 48000
 SHIPPED = Path(__file__).parent / "tiny"
 
 

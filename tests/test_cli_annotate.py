@@ -121,7 +121,8 @@ def test_demo_end_to_end(model_dir, tmp_path):
 
 def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):
     """`tabpo build-model` (2 SFT steps here): data, tokenizer, random init, SFT; --install
-    copies a loadable model directory over the shipped one (redirected to tmp here)."""
+    copies a loadable model directory over the shipped one (redirected to tmp here); a second
+    build writes the same bytes."""
     import tabpo.models.tiny as tiny
 
     monkeypatch.setattr(tiny, "SHIPPED", tmp_path / "shipped")
@@ -136,6 +137,12 @@ def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.1e6, rel=0.05)
     again = run("build-model", "--out", tmp_path / "build", "--steps", 2)
     assert again.exit_code == 2 and "exists" in again.output
+    twin = run("build-model", "--out", tmp_path / "twin", "--steps", 2)  # seeded: same bytes
+    assert twin.exit_code == 0, twin.output
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "twin" / "sft" / name).read_bytes() == (
+            tmp_path / "build" / "sft" / name
+        ).read_bytes(), name
 
 
 def test_demo_refuses_existing_output_and_missing_model(tmp_path):

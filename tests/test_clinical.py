@@ -14,14 +14,23 @@ from tabpo.clinical import (
     SCHEMA,
     canonical_json,
     codes_for,
+    generate_split,
     generate_splits,
+    generator,
     is_valid,
     labels_for,
     read_completion,
     write_splits,
 )
 from tabpo.clinical.fillers import SLOTS
-from tabpo.clinical.generator import PHRASINGS, phrasing_group, render
+from tabpo.clinical.generator import (
+    COPY_PROB,
+    PHRASINGS,
+    phrasing_group,
+    phrasings,
+    render,
+    sft_vocabulary,
+)
 from tabpo.common.files import write_jsonl
 
 SMALL = {"sft": 400, "pref": 200, "dev": 100, "test": 200}
@@ -217,7 +226,7 @@ def test_resizing_one_split_leaves_the_others():
 
 
 def test_default_sizes_and_a_full_run():
-    assert DEFAULT_SIZES == {"sft": 8000, "pref": 2000, "dev": 300, "test": 300}
+    assert DEFAULT_SIZES == {"sft": 20000, "pref": 2000, "dev": 300, "test": 300}
     full = generate_splits()
     assert {k: len(v) for k, v in full.items()} == DEFAULT_SIZES
     assert len({r["message"] for r in full["test"]}) > 290
@@ -232,3 +241,50 @@ def test_write_jsonl_round_trip(tmp_path):
 def test_unknown_split_is_an_error():
     with pytest.raises(ValueError, match="unknown splits"):
         generate_splits(sizes={"train": 3})
+
+
+def _words(text):
+    return re.findall(r"[A-Za-z][A-Za-z']*", text)
+
+
+def test_sft_spans_are_perturbed_so_only_copying_reproduces_them(splits):
+    """About COPY_PROB of the SFT split's spans fit none of their label's SFT templates (the
+    rest of the perturbed half kept every word, the chance of (1 - EDIT_PROB)^words), every
+    word of them is of the SFT vocabulary, and they are still verbatim in the message."""
+    patterns, vocabulary = _span_patterns("sft"), set(sft_vocabulary())
+    spans = [(r, i) for r in splits["sft"] for i in read_completion(r["completion"])]
+    unfit = [i["Span"] for r, i in spans
+             if not any(p.fullmatch(i["Span"]) for p in
+                        patterns[r["direction"], (i["Code"], i["Sub-code"])])]  # fmt: skip
+    assert 0.35 < len(unfit) / len(spans) < COPY_PROB, (len(unfit), len(spans))
+    assert all(set(_words(s)) <= vocabulary for s in unfit)
+    assert all(i["Span"] in r["message"] for r, i in spans)
+
+
+def test_sft_vocabulary_holds_no_word_of_a_held_out_phrasing(monkeypatch):
+    """Every word drawn is a word of unperturbed SFT messages, so a word that only the
+    preference or test templates use is never drawn."""
+    monkeypatch.setattr(generator, "COPY_PROB", 0.0)
+    seen = {w for r in generate_split("sft", 3000, 1) for w in _words(r["message"])}
+    held_out = {w for d, table in PHRASINGS.items() for label in table
+                for g in ("pref", "test") for t in phrasings(d, g)[label]
+                for w in _words(re.sub(r"{\w+}", " ", t))}  # fmt: skip
+    assert set(sft_vocabulary()) <= seen, set(sft_vocabulary()) - seen
+    assert held_out - seen and not (held_out - seen) & set(sft_vocabulary())
+
+
+def test_only_the_sft_split_is_perturbed(monkeypatch):
+    """Without perturbation the preference, dev and test splits are byte for byte the same
+    (they draw nothing for it) and the SFT split's spans all fit their templates."""
+    sizes = {"sft": 60, "pref": 30, "dev": 30, "test": 30}
+    perturbed = generate_splits(seed=5, sizes=sizes)
+    monkeypatch.setattr(generator, "COPY_PROB", 0.0)
+    plain = generate_splits(seed=5, sizes=sizes)
+    for name in ("pref", "dev", "test"):
+        assert plain[name] == perturbed[name], name
+    assert plain["sft"] != perturbed["sft"]
+    patterns = _span_patterns("sft")
+    for r in plain["sft"]:
+        for i in read_completion(r["completion"]):
+            assert any(p.fullmatch(i["Span"]) for p in
+                       patterns[r["direction"], (i["Code"], i["Sub-code"])]), i["Span"]  # fmt: skip

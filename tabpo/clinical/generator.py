@@ -12,12 +12,24 @@ measures how the SFT model generalises to phrasings it has not seen, without tou
 test phrasings), test <- "test". Slot fillers (names, drugs, tests, logistics) and filler
 sentences are shared. Each split has its own random stream, seeded by the string
 ``f"{seed}:{split}"``, so resizing one split leaves the others unchanged.
+
+The SFT split alone also perturbs its spans (`perturb`): with probability COPY_PROB an
+annotated sentence has the words of its span shuffled, then each replaced, with probability
+EDIT_PROB, by a word drawn from the SFT split's own vocabulary (and one such word inserted,
+with the same probability), the gold span being the perturbed text. A small model trained
+from scratch otherwise memorises the few hundred SFT sentences and recalls the nearest one
+instead of copying; spans it cannot recall make it copy from the message, which is what
+the held-out test phrasings need. The labels stay those of the template. `copy_split` is
+the copying warm-up the shipped model trains on first.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from collections.abc import Iterable, Mapping
+from functools import cache
 from pathlib import Path
 
 from tabpo.clinical.fillers import CLOSINGS, FILLERS, OPENINGS, SLOTS
@@ -37,7 +49,7 @@ from tabpo.common.files import write_jsonl
 Label = tuple[str, str]
 
 SPLITS = ("sft", "pref", "dev", "test")
-DEFAULT_SIZES: dict[str, int] = {"sft": 8000, "pref": 2000, "dev": 300, "test": 300}
+DEFAULT_SIZES: dict[str, int] = {"sft": 20000, "pref": 2000, "dev": 300, "test": 300}
 SPLIT_GROUP: dict[str, str] = {"sft": "sft", "pref": "pref", "dev": "pref", "test": "test"}
 SPLIT_FILES: dict[str, str] = {
     "sft": "train.jsonl",
@@ -46,6 +58,8 @@ SPLIT_FILES: dict[str, str] = {
     "test": "test.jsonl",
 }
 ITEM_COUNT_PROBS = (0.10, 0.30, 0.35, 0.25)
+COPY_PROB = 0.5
+EDIT_PROB = 0.1
 MAX_SENTENCES = 4
 PHRASINGS: dict[str, dict[Label, tuple[str, ...]]] = {
     PATIENT_TO_PROVIDER: PATIENT,
@@ -76,6 +90,31 @@ def render(template: str, slots: Mapping[str, str]) -> tuple[str, tuple[int, int
     return head + span + tail, (len(head), len(head) + len(span))
 
 
+@cache
+def sft_vocabulary() -> tuple[str, ...]:
+    """The words of the SFT split's world: its templates, the fillers and the values of the
+    slots they use, without punctuation (no word only a held-out phrasing uses)."""
+    texts = [t for d in DIRECTIONS for ts in phrasings(d, "sft").values() for t in ts]
+    texts += [t for d in DIRECTIONS for t in (*FILLERS[d], *OPENINGS[d], *CLOSINGS[d])]
+    texts += [v for t in texts for name in re.findall(r"{(\w+)}", t) for v in SLOTS[name]]
+    words = re.findall(r"[A-Za-z][A-Za-z']*", " ".join(re.sub(r"{\w+}", " ", t) for t in texts))
+    return tuple(sorted(set(words)))
+
+
+def perturb(rng: random.Random, text: str, where: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+    """The sentence with its span's words shuffled, then replaced and one inserted, each with
+    probability EDIT_PROB, by words of `sft_vocabulary`; the new span's range (module
+    docstring). The span keeps the template's words (the label's cues) in an order only
+    copying reproduces."""
+    words, vocabulary = text[where[0] : where[1]].split(" "), sft_vocabulary()
+    rng.shuffle(words)
+    words = [rng.choice(vocabulary) if rng.random() < EDIT_PROB else w for w in words]
+    if rng.random() < EDIT_PROB:
+        words.insert(rng.randint(0, len(words)), rng.choice(vocabulary))
+    span = " ".join(words)
+    return text[: where[0]] + span + text[where[1] :], (where[0], where[0] + len(span))
+
+
 def generate_message(
     rng: random.Random, direction: str, group: str = "sft"
 ) -> tuple[str, list[Item]]:
@@ -87,6 +126,8 @@ def generate_message(
 
     def annotated(label: Label) -> tuple[str, Label | None, tuple[int, int] | None]:
         text, where = render(rng.choice(table[label]), slots)
+        if group == "sft" and where is not None and rng.random() < COPY_PROB:
+            text, where = perturb(rng, text, where)
         return text, label, where
 
     def bare(options: tuple[str, ...]) -> tuple[str, Label | None, tuple[int, int] | None]:
@@ -132,6 +173,26 @@ def make_record(message: str, items: Iterable[Item], direction: str) -> dict[str
         "message": message,
         "direction": direction,
     }
+
+
+COPY_INSTRUCTION = "Copy every sentence of this message, in order, as a JSON list."
+
+
+def copy_split(size: int, seed: int = 0) -> list[dict[str, str]]:
+    """`size` records of the copying warm-up (the shipped model's first stage): a message of
+    1-4 sentences of 3-12 random words of `sft_vocabulary` and, as the completion, the JSON
+    list of its sentences without their end marks. Nothing but copying predicts it; the
+    list's ``", "`` before a sentence is how the benchmark's ``"Span": "`` precedes a span."""
+    rng, vocabulary = random.Random(f"{seed}:copy"), sft_vocabulary()
+    records = []
+    for _ in range(size):
+        sentences = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(3, 12)))
+                     for _ in range(rng.randint(1, 4))]  # fmt: skip
+        message = "".join((rng.choice(" \n ") if k else "") + sentence + rng.choice(".?!.")
+                          for k, sentence in enumerate(sentences))  # fmt: skip
+        records.append({"prompt": f"{COPY_INSTRUCTION}\nMessage:\n{message}",
+                        "completion": json.dumps(sentences)})  # fmt: skip
+    return records
 
 
 def generate_split(name: str, size: int, seed: int = 0) -> list[dict[str, str]]:
