@@ -13,6 +13,7 @@ from typing import Any
 
 from tabpo.clinical.demo import DemoResult
 from tabpo.clinical.report import FOCUS, LABELS, MAIN, Estimates, estimate, name
+from tabpo.clinical.stats import Interval
 
 
 def figure(result: DemoResult, path: Path, e: Estimates | None = None) -> None:
@@ -49,7 +50,7 @@ def intervals(ax: Any, e: Estimates, metric: str, colors: dict[str, str]) -> Non
     alone = len(values) == 1 or values[0] > values[1]
     for j, (m, i) in enumerate(zip(models, found, strict=True)):
         star = alone and j == best
-        ax.errorbar(j, i.value, yerr=[[i.value - i.low], [i.high - i.value]], capsize=4,
+        ax.errorbar(j, i.value, yerr=whiskers(i), capsize=4,
                     fmt="*" if star else "o", ms=16 if star else 7, color=colors[m],
                     mec="black" if star else colors[m])  # fmt: skip
     ax.set_xticks(range(len(models)), [name(m) for m in models], fontsize=8, rotation=30)
@@ -72,7 +73,7 @@ def paired(ax: Any, e: Estimates, colors: dict[str, str]) -> None:
         for j, other in enumerate(others):
             d = e.differences[other][metric]
             y = row - 0.35 + width * (j + 0.5)
-            ax.errorbar(d.value, y, xerr=[[d.value - d.low], [d.high - d.value]], fmt="o",
+            ax.errorbar(d.value, y, xerr=whiskers(d), fmt="o",
                         capsize=3, color=colors[other],
                         mfc=colors[other] if d.resolved else "white",
                         label=f"{name(FOCUS)} − {name(other)}" if row == 0 else None)  # fmt: skip
@@ -83,6 +84,12 @@ def paired(ax: Any, e: Estimates, colors: dict[str, str]) -> None:
                  "a real difference)", fontsize=10)  # fmt: skip
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(len(others), 6))
+
+
+def whiskers(i: Interval) -> list[list[float]]:
+    """matplotlib's error bar lengths (a percentile interval may miss its point estimate
+    by a hair at the edges: no negative length)."""
+    return [[max(i.value - i.low, 0.0)], [max(i.high - i.value, 0.0)]]
 
 
 def chosen(ax: Any, result: DemoResult, colors: dict[str, str]) -> None:

@@ -151,7 +151,7 @@ def write(result: DemoResult, out: Path, command: str) -> Path:
             f"{name(m)} {100 * (v / max(sft, 1e-9) - 1):+.1f}%"
             for m, v in e.mean_f1.items()
             if m != "sft"
-        ),  # fmt: skip
+        ),
         "",
         f"Intervals: percentile bootstrap, {REPLICATES} replicates drawn from seed {SEED}; "
         "each replicate draws the training seeds, then the test messages, with replacement, "
