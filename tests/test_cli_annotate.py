@@ -1,4 +1,5 @@
-"""`tabpo data`, `tabpo pairs`, `tabpo eval` and `tabpo demo` on tiny models built here."""
+"""`tabpo data`, `tabpo pairs`, `tabpo eval` and `tabpo build-model` on tiny models built here
+(`tabpo demo`: test_demo.py)."""
 
 from __future__ import annotations
 
@@ -93,63 +94,32 @@ def test_eval_help_names_the_predictions_file():
     assert ".predictions.jsonl" in " ".join(run("eval", "--help").output.split())
 
 
-def test_demo_end_to_end(model_dir, tmp_path):
-    """The demo pipeline on a tiny random model: pairs, two methods, a report and a figure."""
-    from tabpo.clinical import report
-    from tabpo.clinical.demo import DemoSettings, run_demo
-    from tabpo.training.loop import Callbacks
-
-    s = DemoSettings(out=tmp_path, model=model_dir, backend="torch", pref_size=12, test_size=4,
-                     steps=2, batch_size=2, max_new_tokens=6)  # fmt: skip
-    result = run_demo(s, get_backend, Callbacks())
-    assert set(result.scores) == {"sft", "dpo", "tabpo"}
-    assert [step for step, _ in result.curves["tabpo"]] == [1, 2]
-    path = report.write(result, tmp_path, "tabpo demo --test")
-    text = path.read_text()
-    for name in ("| SFT |", "| DPO |", "| TAB-PO |", "tabpo demo --test"):
-        assert name in text
-    assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pairs = (tmp_path / "data" / "pairs.jsonl").read_text().splitlines()
-    assert len(pairs) == result.pair_stats["pairs"]
-    settings = json.loads((tmp_path / "results.json").read_text())["settings"]
-    assert settings["seeds"] == 1 and settings["methods"] == ["dpo", "tabpo"]  # typed JSON
-    assert settings["learning_rate"] == 2e-5 and settings["out"] == str(tmp_path)
-    stages = set(result.seconds)  # each stage's own time, in the report too
-    assert {"SFT on test", "train dpo (seed 0)", "tabpo on test (seed 0)"} <= stages
-    assert all(v >= 0 for v in result.seconds.values()) and "Time: " in text
-
-
 def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):
-    """`tabpo build-model` (2 SFT steps here): data, tokenizer, random init, SFT; --install
+    """`tabpo build-model` (2 + 2 steps here): data, tokenizer, random init, the copying
+    warm-up (its own stage, whose weights SFT starts from), SFT; --install
     copies a loadable model directory over the shipped one (redirected to tmp here); a second
     build writes the same bytes."""
     import tabpo.models.tiny as tiny
 
     monkeypatch.setattr(tiny, "SHIPPED", tmp_path / "shipped")
-    result = run("build-model", "--out", tmp_path / "build", "--steps", 2, "--install")
+    short = ("--steps", 2, "--copy-steps", 2)
+    result = run("build-model", "--out", tmp_path / "build", *short, "--install")
     assert result.exit_code == 0, result.output
-    steps = [json.loads(x).get("step") for x in
-             (tmp_path / "build" / "sft" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
-    assert steps[:2] == [1, 2]
+    for stage in ("copy", "sft"):
+        metrics = (tmp_path / "build" / stage / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(x).get("step") for x in metrics]
+        assert steps[:2] == [1, 2], stage
+    config = (tmp_path / "build" / "sft" / "config.yaml").read_text()
+    assert f"model: {tmp_path / 'build' / 'copy'}" in config
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "shipped")
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.1e6, rel=0.05)
-    again = run("build-model", "--out", tmp_path / "build", "--steps", 2)
+    again = run("build-model", "--out", tmp_path / "build", *short)
     assert again.exit_code == 2 and "exists" in again.output
-    twin = run("build-model", "--out", tmp_path / "twin", "--steps", 2)  # seeded: same bytes
+    twin = run("build-model", "--out", tmp_path / "twin", *short)  # seeded: the same bytes
     assert twin.exit_code == 0, twin.output
     for name in ("model.safetensors", "tokenizer.json"):
         assert (tmp_path / "twin" / "sft" / name).read_bytes() == (
             tmp_path / "build" / "sft" / name
         ).read_bytes(), name
-
-
-def test_demo_refuses_existing_output_and_missing_model(tmp_path):
-    (tmp_path / "keep.txt").write_text("x")
-    for force in ([], ["--force"]):  # not a tabpo output directory: never replaced
-        result = run("demo", "--out", tmp_path, *force)
-        assert result.exit_code == 2 and "not written by tabpo" in result.output
-    assert (tmp_path / "keep.txt").exists()
-    result = run("demo", "--out", tmp_path / "new", "--model", tmp_path / "none")
-    assert result.exit_code == 2 and "no SFT model" in result.output

@@ -11,14 +11,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tabpo.clinical.evaluation import score
+from tabpo.clinical.evaluation import Counts, from_counts, message_counts, summed
 from tabpo.clinical.pairs import build_pairs
 from tabpo.common.errors import DataError
 from tabpo.data.records import parse_record
 from tabpo.training.backend import Backend
 from tabpo.training.generation import generate
 
-__all__ = ["evaluate", "make_pairs", "predict", "read_records"]
+__all__ = ["count", "evaluate", "make_pairs", "predict", "read_records"]
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -61,10 +61,17 @@ def evaluate(
     records: Sequence[dict[str, Any]], predictions: Sequence[str], *, snap: bool = False
 ) -> dict[str, float]:
     """docs/method.md §5 metrics of ``predictions`` against the records' gold completions."""
+    return from_counts(summed(count(records, predictions, snap=snap)))
+
+
+def count(
+    records: Sequence[dict[str, Any]], predictions: Sequence[str], *, snap: bool = False
+) -> Counts:
+    """The per-message counts `evaluate` sums (`tabpo.clinical.evaluation.message_counts`)."""
     messages = [str(r["message"]) for r in records if isinstance(r.get("message"), str)]
     have = len(messages) == len(records)
-    return score([r["completion"] for r in records], predictions, snap=snap and have,
-                 messages=messages if have else None)  # fmt: skip
+    return message_counts([r["completion"] for r in records], predictions, snap=snap and have,
+                          messages=messages if have else None)  # fmt: skip
 
 
 def make_pairs(

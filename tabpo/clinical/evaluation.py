@@ -16,6 +16,9 @@ Every metric is micro-averaged over the whole test set, from summed counts:
   whitespace normalisation (case kept); every item counts, in the schema or not.
 - json_valid: fraction of raw predictions that `json.loads` accepts as they are.
 - span_verbatim: fraction of predicted spans that are substrings of their message.
+
+`message_counts` keeps each message's counts, so the metrics of any resample of the
+messages are `from_counts` of its sums (the demo's bootstrap intervals, ``stats.py``).
 """
 
 from __future__ import annotations
@@ -186,6 +189,27 @@ def score(
     (needs `messages`), also ``snap_span/*`` and ``snap_triplet/*``: the same metrics after
     each predicted span is replaced by `snap_span` of it; the paper reports no snapping.
     """
+    return from_counts(summed(message_counts(golds, predictions, snap=snap, messages=messages,
+                                             schema=schema)))  # fmt: skip
+
+
+# Per message, each metric's counts: (tp, fp, fn) for an F1, (hits, total) for a rate.
+RATES = ("json_valid", "span_verbatim")
+Counts = dict[str, list[tuple[int, ...]]]
+
+
+def message_counts(
+    golds: Sequence[Annotation],
+    predictions: Sequence[Annotation],
+    *,
+    snap: bool = False,
+    messages: Sequence[str] | None = None,
+    schema: Mapping[str, Sequence[str]] = SCHEMA,
+) -> Counts:
+    """The counts `score` sums, one tuple per message: ``code``, ``subcode``, ``span``,
+    ``triplet`` (and ``snap_span``, ``snap_triplet``) give (tp, fp, fn); ``json_valid``
+    (valid, 1) and ``span_verbatim`` (verbatim spans, predicted spans). Any resample of the
+    messages gives its metrics by `from_counts` of its sums (the confidence intervals)."""
     if len(golds) != len(predictions):
         raise ValueError(f"{len(golds)} golds but {len(predictions)} predictions")
     if messages is not None and len(messages) != len(golds):
@@ -197,23 +221,44 @@ def score(
     pred_items = [items for items, _ in parsed]
     codes = set(schema)
     subcodes = {s for subs in schema.values() for s in subs} - {NONE}
-    out: dict[str, float] = {}
-    _put(out, "code", _set_counts(gold_items, pred_items, "Code", codes))
-    _put(out, "subcode", _set_counts(gold_items, pred_items, "Sub-code", subcodes))
-    _put(out, "span", _span_counts(gold_items, pred_items))
-    _put(out, "triplet", _triplet_counts(gold_items, pred_items))
-    out["json_valid"] = sum(valid for _, valid in parsed) / len(parsed) if parsed else 0.0
+    pairs = list(zip(gold_items, pred_items, strict=True))
+    out: Counts = {
+        "code": [_set_counts(g, p, "Code", codes) for g, p in pairs],
+        "subcode": [_set_counts(g, p, "Sub-code", subcodes) for g, p in pairs],
+        "span": [_span_counts(g, p) for g, p in pairs],
+        "triplet": [_triplet_counts(g, p) for g, p in pairs],
+        "json_valid": [(int(valid), 1) for _, valid in parsed],
+    }
     if messages is not None:
-        pairs = zip(pred_items, messages, strict=True)
-        spans = [(i["Span"], m) for items, m in pairs for i in items]
-        out["span_verbatim"] = sum(s in m for s, m in spans) / len(spans) if spans else 0.0
+        out["span_verbatim"] = [(sum(i["Span"] in m for i in items), len(items))
+                                for items, m in zip(pred_items, messages, strict=True)]  # fmt: skip
     if snap and messages is not None:
         snapped = [
             [{**i, "Span": snap_span(i["Span"], m)} for i in items]
             for items, m in zip(pred_items, messages, strict=True)
         ]
-        _put(out, "snap_span", _span_counts(gold_items, snapped))
-        _put(out, "snap_triplet", _triplet_counts(gold_items, snapped))
+        out["snap_span"] = [_span_counts(g, p) for g, p in zip(gold_items, snapped, strict=True)]
+        out["snap_triplet"] = [_triplet_counts(g, p) for g, p in
+                               zip(gold_items, snapped, strict=True)]  # fmt: skip
+    return out
+
+
+def summed(counts: Counts) -> dict[str, tuple[int, ...]]:
+    """Each metric's counts summed over the messages."""
+    empty = {name: (0, 0) if name in RATES else (0, 0, 0) for name in counts}
+    return {name: tuple(map(sum, zip(*rows, strict=True))) or empty[name]
+            for name, rows in counts.items()}  # fmt: skip
+
+
+def from_counts(totals: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """The metrics of summed counts: ``name/{p,r,f1}`` by `prf`, a rate as hits / total."""
+    out: dict[str, float] = {}
+    for name, counts in totals.items():
+        if name in RATES:
+            hits, total = counts
+            out[name] = hits / total if total else 0.0
+        else:
+            out[f"{name}/p"], out[f"{name}/r"], out[f"{name}/f1"] = prf(*counts)
     return out
 
 
@@ -224,38 +269,21 @@ def read_annotation(annotation: Annotation) -> Parsed:
     return Parsed(_items(list(annotation)), True)
 
 
-def _put(out: dict[str, float], name: str, counts: tuple[int, int, int]) -> None:
-    out[f"{name}/p"], out[f"{name}/r"], out[f"{name}/f1"] = prf(*counts)
+def _set_counts(gold: list[Item], pred: list[Item], key: str, allowed: set[str]) -> tuple[int, ...]:
+    g = {i[key] for i in gold} & allowed
+    p = {i[key] for i in pred} & allowed
+    return len(g & p), len(p - g), len(g - p)
 
 
-def _set_counts(
-    golds: Sequence[list[Item]], preds: Sequence[list[Item]], key: str, allowed: set[str]
-) -> tuple[int, int, int]:
-    tp = fp = fn = 0
-    for gold, pred in zip(golds, preds, strict=True):
-        g = {i[key] for i in gold} & allowed
-        p = {i[key] for i in pred} & allowed
-        tp, fp, fn = tp + len(g & p), fp + len(p - g), fn + len(g - p)
-    return tp, fp, fn
+def _span_counts(gold: list[Item], pred: list[Item]) -> tuple[int, ...]:
+    matched = len(match_spans([i["Span"] for i in pred], [i["Span"] for i in gold]))
+    return matched, len(pred) - matched, len(gold) - matched
 
 
-def _span_counts(golds: Sequence[list[Item]], preds: Sequence[list[Item]]) -> tuple[int, int, int]:
-    tp = fp = fn = 0
-    for gold, pred in zip(golds, preds, strict=True):
-        matched = len(match_spans([i["Span"] for i in pred], [i["Span"] for i in gold]))
-        tp, fp, fn = tp + matched, fp + len(pred) - matched, fn + len(gold) - matched
-    return tp, fp, fn
-
-
-def _triplet_counts(
-    golds: Sequence[list[Item]], preds: Sequence[list[Item]]
-) -> tuple[int, int, int]:
-    tp = fp = fn = 0
-    for gold, pred in zip(golds, preds, strict=True):
-        g, p = Counter(map(_triplet, gold)), Counter(map(_triplet, pred))
-        hits = sum((g & p).values())
-        tp, fp, fn = tp + hits, fp + sum(p.values()) - hits, fn + sum(g.values()) - hits
-    return tp, fp, fn
+def _triplet_counts(gold: list[Item], pred: list[Item]) -> tuple[int, ...]:
+    g, p = Counter(map(_triplet, gold)), Counter(map(_triplet, pred))
+    hits = sum((g & p).values())
+    return hits, sum(p.values()) - hits, sum(g.values()) - hits
 
 
 def _triplet(i: Item) -> tuple[str, str, str]:

@@ -1,14 +1,20 @@
-"""The demo's report: ``report.md`` (the F1 table, mean and spread over seeds), ``results.json``
-and ``figure.png`` (F1 bars, and the chosen log-prob over training)."""
+"""The demo's report: ``report.md`` (each metric with its 95% interval, TAB-PO's paired
+differences and what they say), ``results.json`` (everything, the per-message counts
+included, so a report is recomputed from it alone) and ``figure.png`` (``figure.py``)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tabpo.clinical.demo import HEADLINE, DemoResult, summary
+import numpy as np
+
+from tabpo.clinical.demo import HEADLINE, DemoResult
+from tabpo.clinical.stats import LEVEL, REPLICATES, SEED, Bootstrap, Interval
 
 LABELS = {"code/f1": "Code F1", "subcode/f1": "Sub-code F1", "span/f1": "Span F1 (relaxed)",
           "triplet/f1": "strict triplet F1", "json_valid": "JSON valid",
@@ -16,47 +22,141 @@ LABELS = {"code/f1": "Code F1", "subcode/f1": "Sub-code F1", "span/f1": "Span F1
           "snap_triplet/f1": "strict F1 snapped"}  # fmt: skip
 NAMES = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "cal_dpo": "Cal-DPO",
          "dpop": "DPOP", "tabpo": "TAB-PO"}  # fmt: skip
+FOCUS = "tabpo"  # the method every other model is compared with
+# what the figure and the terminal show (report.md: every HEADLINE metric)
+MAIN = ("code/f1", "subcode/f1", "span/f1", "triplet/f1", "json_valid", "span_verbatim")
 
 
-def table(result: DemoResult) -> str:
-    """A Markdown table: one row per method, mean +- std over seeds for each metric."""
-    stats = summary(result)
-    seeds = max(len(v) for v in result.scores.values())
-    keys = [k for k in HEADLINE if all(k in m for m in stats.values())]
-    head = "| method | " + " | ".join(LABELS[k] for k in keys) + " |"
-    rule = "|---|" + "---:|" * len(keys)
-    rows = []
-    for method, metrics in stats.items():
-        cells = [f"{m:.3f}" + (f" ± {sd:.3f}" if seeds > 1 else "") for m, sd in
-                 (metrics[k] for k in keys)]  # fmt: skip
-        rows.append(f"| {NAMES.get(method, method)} | " + " | ".join(cells) + " |")
-    return "\n".join([head, rule, *rows])
+def name(model: str) -> str:
+    return NAMES.get(model, model)
 
 
-def mean_f1(result: DemoResult, method: str) -> float:
-    """The paper's headline: the mean of Code, Sub-code and Span micro-F1."""
-    stats = summary(result)[method]
-    return sum(stats[k][0] for k in ("code/f1", "subcode/f1", "span/f1")) / 3
+@dataclass(frozen=True)
+class Estimates:
+    """What the report, the console and the figure show, computed once from the counts."""
+
+    messages: int
+    seeds: int
+    metrics: list[str]  # the HEADLINE metrics the counts hold
+    models: dict[str, dict[str, Interval]]  # model -> metric -> estimate
+    differences: dict[str, dict[str, Interval]]  # other model -> metric -> TAB-PO minus it
+    mean_f1: dict[str, float]  # the paper's headline: mean of Code, Sub-code, Span F1
+
+
+def estimate(result: DemoResult) -> Estimates:
+    """Every model's intervals and TAB-PO's paired differences (``stats.Bootstrap``)."""
+    boot = Bootstrap({m: np.asarray(c) for m, c in result.counts.items()}, result.columns)
+    present = {c.rsplit("/", 1)[0] for c in boot.columns}
+    keys = [k for k in HEADLINE if k.removesuffix("/f1") in present]
+    others = [m for m in result.counts if m != FOCUS]
+    rivals = sorted(others, key=lambda m: m == "sft") if FOCUS in result.counts else []  # SFT last
+    return Estimates(
+        messages=boot.messages,
+        seeds=max(len(v) for v in result.counts.values()),
+        metrics=keys,
+        models={m: {k: boot.interval(m, k) for k in keys} for m in result.counts},
+        differences={m: {k: boot.difference(FOCUS, m, k) for k in keys} for m in rivals},
+        mean_f1={m: sum(boot.point(m, k) for k in ("code/f1", "subcode/f1", "span/f1")) / 3
+                 for m in result.counts},
+    )  # fmt: skip
+
+
+def table(e: Estimates) -> str:
+    """A Markdown table: one row per model, each metric as "mean [low, high]"."""
+    rows = [f"| {name(m)} | " + " | ".join(cell(i) for i in found.values()) + " |"
+            for m, found in e.models.items()]  # fmt: skip
+    return "\n".join([header(e.metrics, "method"), *rows])
+
+
+def differences(e: Estimates) -> str:
+    """A Markdown table of TAB-PO minus each other model, paired; bold: excludes 0."""
+    rows = [f"| {name(FOCUS)} − {name(m)} | " + " | ".join(cell(d, signed=True) for d in
+            found.values()) + " |" for m, found in e.differences.items()]  # fmt: skip
+    return "\n".join([header(e.metrics, "difference"), *rows])
+
+
+def verdict(d: Interval) -> str:
+    if not d.resolved:
+        return "not distinguishable"
+    return f"{name(FOCUS)} {'better' if d.value > 0 else 'worse'}"
+
+
+def verdicts(e: Estimates, keys: Sequence[str] | None = None) -> list[str]:
+    """One sentence per compared model: each metric's difference, as measured."""
+    return [f"{name(FOCUS)} vs {name(m)}: " + ", ".join(
+                f"{LABELS[k]} {cell(d, signed=True, bold=False)} ({verdict(d)})"
+                for k, d in found.items() if keys is None or k in keys) + "."
+            for m, found in e.differences.items()]  # fmt: skip
+
+
+def header(keys: list[str], first: str) -> str:
+    return (f"| {first} | " + " | ".join(LABELS[k] for k in keys) + " |\n|---|"
+            + "---:|" * len(keys))  # fmt: skip
+
+
+def cell(i: Interval, *, signed: bool = False, bold: bool = True) -> str:
+    """The interval as "mean [low, high]"; a difference signed, bold when it excludes 0."""
+    f = "{:+.3f}" if signed else "{:.3f}"
+    text = f"{f.format(i.value)} [{f.format(i.low)}, {f.format(i.high)}]"
+    return f"**{text}**" if signed and bold and i.resolved else text
+
+
+def intervals_over(e: Estimates) -> str:
+    return f"the {e.messages} test messages" + (
+        f" and the {e.seeds} training seeds" if e.seeds > 1 else "")  # fmt: skip
+
+
+PREVIEW = "A preview: one training seed."
+
+
+def preview(e: Estimates) -> str:
+    """What a one-seed run (the default ``make demo``) leaves out; "" with more seeds."""
+    if e.seeds > 1:
+        return ""
+    return (f"Its intervals are over the {e.messages} test messages only, so they leave out "
+            "how much a method varies between training seeds; `tabpo demo --full` trains all "
+            "baselines with 3 seeds, and its intervals cover messages and seeds.")  # fmt: skip
+
+
+def summary(e: Estimates) -> str:
+    """The tables, the sentences and the caveat, as report.md shows them."""
+    lines = [f"Each metric with its {LEVEL:.0%} confidence interval (bootstrap over "
+             f"{intervals_over(e)}):", "", table(e), ""]  # fmt: skip
+    if e.differences:
+        lines += [f"{name(FOCUS)} minus each model, paired (the same resampled messages"
+                  + (" and seeds" if e.seeds > 1 else "") + " on both sides; bold: the "
+                  "interval excludes 0, a real difference):", "", differences(e), "",
+                  *verdicts(e), ""]  # fmt: skip
+    if preview(e):
+        lines += [f"**{PREVIEW}** {preview(e)}", ""]
+    return "\n".join(lines)
 
 
 def write(result: DemoResult, out: Path, command: str) -> Path:
+    from tabpo.clinical.figure import figure  # it draws this module's estimates
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    figure(result, out / "figure.png")
-    sft = mean_f1(result, "sft")
+    (out / "results.json").write_text(dumps(result))
+    e = estimate(result)
+    figure(result, out / "figure.png", e)
+    sft = e.mean_f1["sft"]
     lines = [
         "# tabpo demo: SFT vs preference methods on the synthetic clinical-message benchmark",
         "",
         f"Command: `{command}`",
         "",
-        table(result),
-        "",
+        summary(e),
         "Mean of Code / Sub-code / Span micro-F1, relative to SFT: "
         + ", ".join(
-            f"{NAMES.get(m, m)} {100 * (mean_f1(result, m) / max(sft, 1e-9) - 1):+.1f}%"
-            for m in result.scores
+            f"{name(m)} {100 * (v / max(sft, 1e-9) - 1):+.1f}%"
+            for m, v in e.mean_f1.items()
             if m != "sft"
-        ),  # fmt: skip
+        ),
+        "",
+        f"Intervals: percentile bootstrap, {REPLICATES} replicates drawn from seed {SEED}; "
+        "each replicate draws the training seeds, then the test messages, with replacement, "
+        "and takes the mean over the drawn seeds of the micro metric on the drawn messages "
+        "(docs/method.md §5). SFT is one model: messages only.",
         "",
         "Pairs: " + ", ".join(f"{k} {v}" for k, v in result.pair_stats.items()),
         "",
@@ -66,7 +166,7 @@ def write(result: DemoResult, out: Path, command: str) -> Path:
         f"{os.cpu_count()} CPUs; other work on the machine slows it): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()),
         "",
-        "![F1 and chosen log-prob](figure.png)",
+        "![Each metric with its interval, the paired differences, the chosen log-prob](figure.png)",
         "",
     ]
     path = out / "report.md"
@@ -74,37 +174,17 @@ def write(result: DemoResult, out: Path, command: str) -> Path:
     return path
 
 
-def figure(result: DemoResult, path: Path) -> None:
-    """Left: F1 per metric and method; right: chosen log-prob over training."""
-    import matplotlib
+def dumps(result: DemoResult) -> str:
+    """results.json: indented, but a list of numbers on one line, and each seed's
+    per-message counts (a list of such lists) on one line."""
+    text = json.dumps(asdict(result), indent=2)
+    text = re.sub(r"\[[\d.,\seE+-]*\]", lambda m: " ".join(m.group().split()), text)
+    return re.sub(r"\[\s*(?:\[[\d, -]*\],?\s*)+\]", lambda m: re.sub(r"\s+", "", m.group()),
+                  text) + "\n"  # fmt: skip
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    stats = summary(result)
-    metrics = ["code/f1", "subcode/f1", "span/f1", "triplet/f1"]
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.2))
-    width = 0.8 / max(len(stats), 1)
-    for i, (method, values) in enumerate(stats.items()):
-        xs = [j + i * width for j in range(len(metrics))]
-        bars.bar(xs, [values[k][0] for k in metrics], width, yerr=[values[k][1] for k in
-                 metrics], label=NAMES.get(method, method))  # fmt: skip
-    bars.set_xticks([j + width * (len(stats) - 1) / 2 for j in range(len(metrics))])
-    bars.set_xticklabels([LABELS[k] for k in metrics], fontsize=8)
-    bars.set_ylim(0, 1)
-    split = result.settings.get("eval_split", "test")
-    bars.set_title(f"{split} split ({'held-out' if split == 'test' else 'preference'} phrasings)")
-    bars.legend(fontsize=8)
-    for method, curve in result.curves.items():
-        if curve:  # a running mean over 10 steps: each step sees other pairs
-            ys = [y for _, y in curve]
-            smooth = [sum(ys[max(0, i - 9) : i + 1]) / len(ys[max(0, i - 9) : i + 1])
-                      for i in range(len(ys))]  # fmt: skip
-            curves.plot([x for x, _ in curve], smooth, label=NAMES.get(method, method))
-    curves.set_xlabel("step")
-    curves.set_ylabel("log p(chosen), sequence sum, mean of 10 steps")
-    curves.set_title("chosen log-prob during training (squeezing = falling)")
-    curves.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def read(path: Path) -> DemoResult:
+    """A DemoResult back from its results.json."""
+    doc = json.loads(Path(path).read_text())
+    doc["curves"] = {m: [(int(x), float(y)) for x, y in c] for m, c in doc["curves"].items()}
+    return DemoResult(**doc)
