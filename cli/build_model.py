@@ -33,8 +33,9 @@ def build_model(
     from tabpo.backends import get_backend
     from tabpo.cli.ui import progress_callbacks
     from tabpo.clinical import write_splits
-    from tabpo.clinical.generator import copy_split
+    from tabpo.clinical.generator import copy_pieces, copy_split
     from tabpo.common.files import OutputDir, write_dir, write_jsonl
+    from tabpo.data.encoding import load_tokenizer
     from tabpo.models.tiny import COPY_RECIPE, COPY_SIZE, SFT_RECIPE, SHIPPED, corpus, init_model
     from tabpo.training import config as cfg
     from tabpo.training.loop import train
@@ -46,10 +47,13 @@ def build_model(
         output.clear()
     output.record("data", "init", "copy", "sft", "cache")
     splits = write_splits(out / "data", seed=seed)
-    warmup = write_jsonl(copy_split(COPY_SIZE, seed), out / "data" / "copy.jsonl")
+    tokenizer = load_tokenizer(init_model(out / "init", corpus(splits["sft"]), seed=seed))
+    pieces = copy_pieces(
+        tokenizer.decode([i], skip_special_tokens=True) for i in range(len(tokenizer))
+    )
+    warmup = write_jsonl(copy_split(COPY_SIZE, pieces, seed), out / "data" / "copy.jsonl")
     console.print(f"benchmark: {', '.join(f'{k} {v}' for k, v in splits.items())}, "
                   f"copying warm-up {warmup}")  # fmt: skip
-    init_model(out / "init", corpus(splits["sft"]), seed=seed)
     stages = [("init", "copy", warmup, COPY_RECIPE, copy_steps),
               ("copy", "sft", splits["sft"], SFT_RECIPE, steps)]  # fmt: skip
     for start, stage, data, recipe, max_steps in stages:

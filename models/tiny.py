@@ -1,10 +1,14 @@
 """The tiny demo model: a byte-level BPE tokenizer and a small llama, both built here.
 
 Built once, seeded, from the synthetic benchmark's corpus (``tabpo.clinical``), then trained
-from random initialisation by the same trainer (``tabpo train --loss sft --finetune full``);
-``tabpo build-model`` reproduces the shipped checkpoint. A feasibility run found ~1M
-parameters (hidden 128, 4 layers, 4 heads, FFN 384, tied embeddings, 2-3k BPE tokens) the
-best size for a few minutes of CPU training.
+from random initialisation by the same trainer (``tabpo train --loss sft --finetune full``)
+in two stages: a copying warm-up (``copy_split``), then SFT; ``tabpo build-model``
+reproduces the shipped checkpoint. A feasibility run found ~1M parameters (hidden 128, 4
+layers, 4 heads, FFN 384, tied embeddings, 2-3k BPE tokens) the best size for minutes of
+CPU training. SFT alone (600 or 1,200 steps, with or without perturbed spans) never taught
+this model to copy a span from the message; the warm-up's loss on random-word sentences,
+which only copying predicts, falls from 6 to under 1 nat within 500 steps, and SFT from
+its weights copies.
 """
 
 from __future__ import annotations
@@ -81,8 +85,8 @@ def init_model(directory: str | Path, texts: Iterable[str], *, seed: int = 0,
 
 
 # The documented recipe of the shipped checkpoint (``tabpo build-model``): data seed 0,
-# init seed 0, 600 SFT steps of 32 examples (~2.4 epochs of 8,000), lr 3e-3, 40 warmup
-# steps, cosine decay, clipping at 1.0 (the feasibility run: 600-1,200 steps, batch 32).
+# init seed 0, the copying warm-up (COPY_RECIPE below), then 1,200 SFT steps of 32 examples
+# (~1.9 epochs of 20,000), lr 3e-3, 40 warmup steps, cosine decay, clipping at 1.0.
 SFT_RECIPE = {
     "loss": "sft",
     "finetune": "full",

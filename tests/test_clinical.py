@@ -26,6 +26,8 @@ from tabpo.clinical.fillers import SLOTS
 from tabpo.clinical.generator import (
     COPY_PROB,
     PHRASINGS,
+    copy_pieces,
+    copy_split,
     phrasing_group,
     phrasings,
     render,
@@ -288,3 +290,25 @@ def test_only_the_sft_split_is_perturbed(monkeypatch):
         for i in read_completion(r["completion"]):
             assert any(p.fullmatch(i["Span"]) for p in
                        patterns[r["direction"], (i["Code"], i["Sub-code"])]), i["Span"]  # fmt: skip
+
+
+def test_copy_warm_up_answers_are_the_message_copied():
+    """Each warm-up answer is the JSON list of the message's sentences, verbatim and in order;
+    its words are made of the given pieces only; seeded."""
+    pieces = ["ab", "Cd", "e'f", "12", "gh"]
+    records = copy_split(200, pieces, seed=3)
+    assert records == copy_split(200, pieces, seed=3) != copy_split(200, pieces, seed=4)
+    for r in records:
+        message = r["prompt"].split("Message:\n", 1)[1]
+        sentences = json.loads(r["completion"])
+        assert 1 <= len(sentences) <= 4
+        assert re.split(r"[.?!][ \n]?", message)[:-1] == sentences, (message, sentences)
+        for word in " ".join(sentences).split(" "):
+            assert re.fullmatch("(?:ab|Cd|e'f|12|gh){1,2}", word), word
+
+
+def test_copy_pieces_keep_what_json_copies_verbatim():
+    """Token texts with a letter or digit, stripped; none that JSON escapes (quote, backslash)
+    or that holds a space inside; no special token once decoding skipped it (empty)."""
+    got = copy_pieces([" the", "ing", '"', ' "x', "a\\b", "", " ", "\n", "12", "a b", "'s", "."])
+    assert got == ["'s", "12", "ing", "the"]

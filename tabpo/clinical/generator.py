@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -178,21 +178,31 @@ def make_record(message: str, items: Iterable[Item], direction: str) -> dict[str
 COPY_INSTRUCTION = "Copy every sentence of this message, in order, as a JSON list."
 
 
-def copy_split(size: int, seed: int = 0) -> list[dict[str, str]]:
+def copy_split(size: int, pieces: Sequence[str], seed: int = 0) -> list[dict[str, str]]:
     """`size` records of the copying warm-up (the shipped model's first stage): a message of
-    1-4 sentences of 3-12 random words of `sft_vocabulary` and, as the completion, the JSON
-    list of its sentences without their end marks. Nothing but copying predicts it; the
+    1-4 sentences of 3-12 random words and, as the completion, the JSON list of its
+    sentences without their end marks. A word is 1-2 random `pieces` (the tokenizer's
+    vocabulary as text, `copy_pieces`), so every token, including those only held-out
+    phrasings use, is copied in training. Nothing but copying predicts the answer; the
     list's ``", "`` before a sentence is how the benchmark's ``"Span": "`` precedes a span."""
-    rng, vocabulary = random.Random(f"{seed}:copy"), sft_vocabulary()
+    rng = random.Random(f"{seed}:copy")
     records = []
     for _ in range(size):
-        sentences = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(3, 12)))
+        sentences = [" ".join("".join(rng.choice(pieces) for _ in range(rng.choice((1, 1, 2))))
+                              for _ in range(rng.randint(3, 12)))
                      for _ in range(rng.randint(1, 4))]  # fmt: skip
         message = "".join((rng.choice(" \n ") if k else "") + sentence + rng.choice(".?!.")
                           for k, sentence in enumerate(sentences))  # fmt: skip
         records.append({"prompt": f"{COPY_INSTRUCTION}\nMessage:\n{message}",
                         "completion": json.dumps(sentences)})  # fmt: skip
     return records
+
+
+def copy_pieces(tokens: Iterable[str]) -> list[str]:
+    """The text of each token (decoded, spaces stripped) that has a letter or digit and
+    nothing JSON escapes, sorted: the warm-up's word pieces."""
+    return sorted({t.strip() for t in tokens if re.search(r"[A-Za-z0-9]", t)
+                   and not re.search(r'["\\\s]', t.strip())})  # fmt: skip
 
 
 def generate_split(name: str, size: int, seed: int = 0) -> list[dict[str, str]]:
