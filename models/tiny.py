@@ -5,10 +5,11 @@ from random initialisation by the same trainer (``tabpo train --loss sft --finet
 in two stages: a copying warm-up (``copy_split``), then SFT; ``tabpo build-model``
 reproduces the shipped checkpoint. A feasibility run found ~1M parameters (hidden 128, 4
 layers, 4 heads, FFN 384, tied embeddings, 2-3k BPE tokens) the best size for minutes of
-CPU training. SFT alone (600 or 1,200 steps, with or without perturbed spans) never taught
-this model to copy a span from the message; the warm-up's loss on random-word sentences,
-which only copying predicts, falls from 6 to under 1 nat within 500 steps, and SFT from
-its weights copies.
+CPU training. SFT alone never taught this model to copy a span from the message (600
+steps, with or without perturbed spans, and 400 of 1,200 with shuffled spans: 0 verbatim
+spans on the test split); the warm-up (its loss on random-word sentences, which only
+copying predicts, falls from 6 nats to 0.2; 95% of held-out words copied in place) does,
+and SFT from its weights copies 48% of its spans verbatim.
 """
 
 from __future__ import annotations
