@@ -36,7 +36,7 @@ def test_data_writes_the_four_splits(tmp_path):
     result = run("data", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     counts = {p.name: len(p.read_text().splitlines()) for p in tmp_path.glob("*.jsonl")}
-    assert counts == {"train.jsonl": 8000, "pref.jsonl": 2000, "dev.jsonl": 300,
+    assert counts == {"train.jsonl": 20000, "pref.jsonl": 2000, "dev.jsonl": 300,
                       "test.jsonl": 300}  # fmt: skip
     assert run("data", "--out", tmp_path).exit_code == 2  # no silent overwrite
 
