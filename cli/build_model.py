@@ -16,7 +16,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 
 @handles_errors
 def build_model(
-    out: Annotated[Path, typer.Option(help="Work directory: data/, init/, sft/.")],
+    out: Annotated[Path, typer.Option(help="Work directory: data/, init/, copy/, sft/.")],
     seed: Annotated[int, typer.Option(help="Seed of the data, the tokenizer and init.")] = 0,
     steps: Annotated[int | None, typer.Option(help="SFT steps (default: the recipe's).")] = None,
     copy_steps: Annotated[
