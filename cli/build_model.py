@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -29,14 +30,23 @@ def build_model(
 ) -> None:
     """Generate the benchmark, train a byte-level BPE tokenizer and initialise the tiny
     llama at random, train it to copy (COPY_RECIPE, on the copying warm-up), then SFT it
-    (SFT_RECIPE), both with `tabpo train --loss sft --finetune full` (tabpo.models.tiny)."""
+    (SFT_RECIPE, on the SFT split with REPLAY_SIZE copying records mixed in), both with
+    `tabpo train --loss sft --finetune full` (tabpo.models.tiny)."""
     from tabpo.backends import get_backend
     from tabpo.cli.ui import progress_callbacks
     from tabpo.clinical import write_splits
     from tabpo.clinical.generator import copy_pieces, copy_split
     from tabpo.common.files import OutputDir, write_dir, write_jsonl
     from tabpo.data.encoding import load_tokenizer
-    from tabpo.models.tiny import COPY_RECIPE, COPY_SIZE, SFT_RECIPE, SHIPPED, corpus, init_model
+    from tabpo.models.tiny import (
+        COPY_RECIPE,
+        COPY_SIZE,
+        REPLAY_SIZE,
+        SFT_RECIPE,
+        SHIPPED,
+        corpus,
+        init_model,
+    )
     from tabpo.training import config as cfg
     from tabpo.training.loop import train
 
@@ -52,15 +62,25 @@ def build_model(
         tokenizer.decode([i], skip_special_tokens=True) for i in range(len(tokenizer))
     )
     warmup = write_jsonl(copy_split(COPY_SIZE, pieces, seed), out / "data" / "copy.jsonl")
-    console.print(f"benchmark: {', '.join(f'{k} {v}' for k, v in splits.items())}, "
-                  f"copying warm-up {warmup}")  # fmt: skip
-    stages = [("init", "copy", warmup, COPY_RECIPE, copy_steps),
-              ("copy", "sft", splits["sft"], SFT_RECIPE, steps)]  # fmt: skip
-    for start, stage, data, recipe, max_steps in stages:
+    replay = copy_split(REPLAY_SIZE, pieces, seed, stream="replay")
+    sft = [json.loads(line) for line in splits["sft"].read_text().splitlines()]
+    mixed = write_jsonl(sft + replay, out / "data" / "sft-replay.jsonl")
+    console.print(
+        f"benchmark: {', '.join(f'{k} {v}' for k, v in splits.items())}, "
+        f"copying warm-up {warmup}, SFT stage (+{REPLAY_SIZE} replayed) {mixed}"
+    )
+    stages = [("init", "copy", warmup, None, COPY_RECIPE, copy_steps),
+              ("copy", "sft", mixed, splits["dev"], SFT_RECIPE, steps)]  # fmt: skip
+    for start, stage, data, eval_data, recipe, max_steps in stages:
         console.print(f"stage {stage}: from {out / start}")
         chosen = {"seed": seed, **({"max_steps": max_steps} if max_steps else {})}
-        paths = {"model": out / start, "data": data, "output": out / stage,
-                 "ref_cache_dir": out / "cache"}  # fmt: skip
+        paths = {
+            "model": out / start,
+            "data": data,
+            "output": out / stage,
+            "ref_cache_dir": out / "cache",
+            **({"eval_data": eval_data} if eval_data else {}),
+        }
         c = cfg.build({}, {**recipe, **chosen, **{k: str(v) for k, v in paths.items()}})
         with progress_callbacks() as callbacks:
             train(c, get_backend(c.backend), callbacks)

@@ -13,6 +13,7 @@ from tabpo.backends import get_backend
 from tabpo.cli.app import app
 from tabpo.clinical import canonical_json, generate_split
 from tabpo.clinical.annotate import predict, read_records
+from tabpo.clinical.generator import COPY_INSTRUCTION
 from tabpo.common.files import write_jsonl
 from tabpo.training import config as cfg
 from tabpo.training.loop import train
@@ -111,6 +112,18 @@ def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):
         assert steps[:2] == [1, 2], stage
     config = (tmp_path / "build" / "sft" / "config.yaml").read_text()
     assert f"model: {tmp_path / 'build' / 'copy'}" in config
+    assert f"eval_data: {tmp_path / 'build' / 'data' / 'dev.jsonl'}" in config
+    data = tmp_path / "build" / "data"
+    assert f"data: {data / 'sft-replay.jsonl'}" in config
+    mixed = (data / "sft-replay.jsonl").read_text().splitlines()
+    sft, warmup = (
+        (data / "train.jsonl").read_text().splitlines(),
+        set((data / "copy.jsonl").read_text().splitlines()),
+    )
+    replayed = mixed[len(sft) :]  # the SFT split, then fresh copying records, none the warm-up's
+    assert mixed[: len(sft)] == sft and len(replayed) == tiny.REPLAY_SIZE
+    assert all(json.loads(r)["prompt"].startswith(COPY_INSTRUCTION) for r in replayed)
+    assert not warmup & set(replayed)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "shipped")

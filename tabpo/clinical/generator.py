@@ -178,14 +178,17 @@ def make_record(message: str, items: Iterable[Item], direction: str) -> dict[str
 COPY_INSTRUCTION = "Copy every sentence of this message, in order, as a JSON list."
 
 
-def copy_split(size: int, pieces: Sequence[str], seed: int = 0) -> list[dict[str, str]]:
-    """`size` records of the copying warm-up (the shipped model's first stage): a message of
+def copy_split(
+    size: int, pieces: Sequence[str], seed: int = 0, stream: str = "copy"
+) -> list[dict[str, str]]:
+    """`size` records of the copying warm-up (the shipped model's first stage; its SFT stage
+    replays others, from the stream "replay"): a message of
     1-4 sentences of 3-12 random words and, as the completion, the JSON list of its
     sentences without their end marks. A word is 1-2 random `pieces` (the tokenizer's
     vocabulary as text, `copy_pieces`), so every token, including those only held-out
     phrasings use, is copied in training. Nothing but copying predicts the answer; the
     list's ``", "`` before a sentence is how the benchmark's ``"Span": "`` precedes a span."""
-    rng = random.Random(f"{seed}:copy")
+    rng = random.Random(f"{seed}:{stream}")
     records = []
     for _ in range(size):
         sentences = [" ".join("".join(rng.choice(pieces) for _ in range(rng.choice((1, 1, 2))))
