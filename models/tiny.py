@@ -9,7 +9,9 @@ CPU training. SFT alone never taught this model to copy a span from the message 
 steps, with or without perturbed spans, and 400 of 1,200 with shuffled spans: 0 verbatim
 spans on the test split); the warm-up (its loss on random-word sentences, which only
 copying predicts, falls from 6 nats to 0.2; 95% of held-out words copied in place) does,
-and SFT from its weights copies 48% of its spans verbatim.
+and SFT from its weights copied 48% of its test spans verbatim; with warm-up records
+replayed during SFT (REPLAY_SIZE), 83% (relaxed Span F1 0.851, strict triplet F1 0.243,
+Code F1 0.678, Sub-code F1 0.370 on the 300 test messages).
 """
 
 from __future__ import annotations
