@@ -213,3 +213,14 @@ def test_figure_writes_a_png(tmp_path):
     alone, _ = synthetic(seeds=1, methods=(("dpo", 0.5),))  # no TAB-PO: no differences
     figure(alone, tmp_path / "alone.png")
     assert (tmp_path / "alone.png").exists()
+
+
+def test_headline_relative_to_sft_and_when_sft_scores_zero():
+    """Each model's mean F1 relative to SFT's (0.4 -> 0.5 is +25.0%); an SFT model that
+    annotates nothing (mean 0) gets the means themselves, not a ratio to 1e-9."""
+    from tabpo.clinical.report import relative_to_sft
+
+    line = relative_to_sft({"sft": 0.4, "dpo": 0.3, "tabpo": 0.5})
+    assert line.endswith("relative to SFT: DPO -25.0%, TAB-PO +25.0%"), line
+    collapsed = relative_to_sft({"sft": 0.0, "dpo": 0.098, "tabpo": 0.335})
+    assert collapsed.endswith("(SFT's is 0, so none is relative to it): DPO 0.098, TAB-PO 0.335")

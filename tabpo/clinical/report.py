@@ -132,6 +132,19 @@ def summary(e: Estimates) -> str:
     return "\n".join(lines)
 
 
+def relative_to_sft(mean_f1: dict[str, float]) -> str:
+    """The paper's headline, each model's mean of Code / Sub-code / Span F1 relative to SFT's;
+    the means themselves where SFT's is 0 (a collapsed SFT model), which no ratio describes."""
+    others = {m: v for m, v in mean_f1.items() if m != "sft"}
+    if mean_f1["sft"] > 0:
+        return "Mean of Code / Sub-code / Span micro-F1, relative to SFT: " + ", ".join(
+            f"{name(m)} {100 * (v / mean_f1['sft'] - 1):+.1f}%" for m, v in others.items()
+        )
+    return "Mean of Code / Sub-code / Span micro-F1 (SFT's is 0, so none is relative to it): " + (
+        ", ".join(f"{name(m)} {v:.3f}" for m, v in others.items())
+    )
+
+
 def write(result: DemoResult, out: Path, command: str) -> Path:
     from tabpo.clinical.figure import figure  # it draws this module's estimates
 
@@ -139,19 +152,13 @@ def write(result: DemoResult, out: Path, command: str) -> Path:
     (out / "results.json").write_text(dumps(result))
     e = estimate(result)
     figure(result, out / "figure.png", e)
-    sft = e.mean_f1["sft"]
     lines = [
         "# tabpo demo: SFT vs preference methods on the synthetic clinical-message benchmark",
         "",
         f"Command: `{command}`",
         "",
         summary(e),
-        "Mean of Code / Sub-code / Span micro-F1, relative to SFT: "
-        + ", ".join(
-            f"{name(m)} {100 * (v / max(sft, 1e-9) - 1):+.1f}%"
-            for m, v in e.mean_f1.items()
-            if m != "sft"
-        ),
+        relative_to_sft(e.mean_f1),
         "",
         f"Intervals: percentile bootstrap, {REPLICATES} replicates drawn from seed {SEED}; "
         "each replicate draws the training seeds, then the test messages, with replacement, "
