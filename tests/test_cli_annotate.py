@@ -96,17 +96,17 @@ def test_eval_help_names_the_predictions_file():
 
 
 def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):
-    """`tabpo build-model` (2 + 2 steps here): data, tokenizer, random init, the copying
-    warm-up (its own stage, whose weights SFT starts from), SFT; --install
-    copies a loadable model directory over the shipped one (redirected to tmp here); a second
-    build writes the same bytes."""
+    """`tabpo build-model` (2 + 2 + 2 steps here): data, tokenizer, random init, the copying
+    warm-up (its own stage, whose weights SFT starts from), SFT, SFT on fresh messages (from
+    SFT's weights); --install copies the last stage's model directory over the shipped one
+    (redirected to tmp here); a second build writes the same bytes."""
     import tabpo.models.tiny as tiny
 
     monkeypatch.setattr(tiny, "SHIPPED", tmp_path / "shipped")
-    short = ("--steps", 2, "--copy-steps", 2)
+    short = ("--steps", 2, "--copy-steps", 2, "--fresh-steps", 2)
     result = run("build-model", "--out", tmp_path / "build", *short, "--install")
     assert result.exit_code == 0, result.output
-    for stage in ("copy", "sft"):
+    for stage in ("copy", "sft", "fresh"):
         metrics = (tmp_path / "build" / stage / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(x).get("step") for x in metrics]
         assert steps[:2] == [1, 2], stage
@@ -124,6 +124,20 @@ def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):
     assert mixed[: len(sft)] == sft and len(replayed) == tiny.REPLAY_SIZE
     assert all(json.loads(r)["prompt"].startswith(COPY_INSTRUCTION) for r in replayed)
     assert not warmup & set(replayed)
+    config = (tmp_path / "build" / "fresh" / "config.yaml").read_text()
+    assert f"model: {tmp_path / 'build' / 'sft'}" in config
+    assert f"data: {data / 'fresh-replay.jsonl'}" in config
+    again = (data / "fresh-replay.jsonl").read_text().splitlines()
+    fresh, rehearsal = again[: tiny.FRESH_SIZE], again[tiny.FRESH_SIZE :]
+    assert len(rehearsal) == 2 * tiny.REPLAY_SIZE
+    assert all(json.loads(r)["prompt"].startswith(COPY_INSTRUCTION) for r in rehearsal)
+    assert not (warmup | set(replayed)) & set(rehearsal)
+    assert not any(json.loads(r)["prompt"].startswith(COPY_INSTRUCTION) for r in fresh)
+    # fresh = the SFT split's stream continued past the SFT split, so its first messages are new
+    assert fresh[:100] != sft[:100]
+    assert (tmp_path / "shipped" / "model.safetensors").read_bytes() == (
+        tmp_path / "build" / "fresh" / "model.safetensors"
+    ).read_bytes()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "shipped")
@@ -132,7 +146,8 @@ def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):
     assert again.exit_code == 2 and "exists" in again.output
     twin = run("build-model", "--out", tmp_path / "twin", *short)  # seeded: the same bytes
     assert twin.exit_code == 0, twin.output
-    for name in ("model.safetensors", "tokenizer.json"):
-        assert (tmp_path / "twin" / "sft" / name).read_bytes() == (
-            tmp_path / "build" / "sft" / name
-        ).read_bytes(), name
+    for stage in ("sft", "fresh"):
+        for name in ("model.safetensors", "tokenizer.json"):
+            assert (tmp_path / "twin" / stage / name).read_bytes() == (
+                tmp_path / "build" / stage / name
+            ).read_bytes(), (stage, name)
