@@ -75,15 +75,15 @@ def build_model(
     # The SFT split's stream continued: its first len(sft) messages are the SFT split's.
     fresh = generate_split("sft", len(sft) + FRESH_SIZE, seed)[len(sft) :]
     rehearsal = copy_split(2 * REPLAY_SIZE, pieces, seed, stream="replay2")
-    again = write_jsonl(fresh + rehearsal, out / "data" / "fresh-replay.jsonl")
+    fresh_mixed = write_jsonl(fresh + rehearsal, out / "data" / "fresh-replay.jsonl")
     console.print(
         f"benchmark: {', '.join(f'{k} {v}' for k, v in splits.items())}, "
         f"copying warm-up {warmup}, SFT stage (+{REPLAY_SIZE} replayed) {mixed}, "
-        f"fresh SFT stage (+{2 * REPLAY_SIZE} replayed) {again}"
+        f"fresh SFT stage (+{2 * REPLAY_SIZE} replayed) {fresh_mixed}"
     )
     stages = [("init", "copy", warmup, None, COPY_RECIPE, copy_steps),
               ("copy", "sft", mixed, splits["dev"], SFT_RECIPE, steps),
-              ("sft", "fresh", again, None, FRESH_RECIPE, fresh_steps)]  # fmt: skip
+              ("sft", "fresh", fresh_mixed, None, FRESH_RECIPE, fresh_steps)]  # fmt: skip
     for start, stage, data, eval_data, recipe, max_steps in stages:
         console.print(f"stage {stage}: from {out / start}")
         chosen = {"seed": seed, **({"max_steps": max_steps} if max_steps else {})}

@@ -127,8 +127,8 @@ def test_build_model_reproduces_and_installs(tmp_path, monkeypatch):
     config = (tmp_path / "build" / "fresh" / "config.yaml").read_text()
     assert f"model: {tmp_path / 'build' / 'sft'}" in config
     assert f"data: {data / 'fresh-replay.jsonl'}" in config
-    again = (data / "fresh-replay.jsonl").read_text().splitlines()
-    fresh, rehearsal = again[: tiny.FRESH_SIZE], again[tiny.FRESH_SIZE :]
+    last = (data / "fresh-replay.jsonl").read_text().splitlines()
+    fresh, rehearsal = last[: tiny.FRESH_SIZE], last[tiny.FRESH_SIZE :]
     assert len(rehearsal) == 2 * tiny.REPLAY_SIZE
     assert all(json.loads(r)["prompt"].startswith(COPY_INSTRUCTION) for r in rehearsal)
     assert not (warmup | set(replayed)) & set(rehearsal)
